@@ -1,0 +1,74 @@
+"""PostgreSQL event store: eventsourcing's recorder plus request-id claims and an append-only guard.
+
+Imports: eventsourcing, psycopg, domain. Select it with
+PERSISTENCE_MODULE="adapters.eventstore.postgres:ClaimingPostgresFactory". Creating the tables also
+installs triggers that make the database itself refuse UPDATE, DELETE and TRUNCATE on the stored
+events and on the claims, so history can only grow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from eventsourcing.persistence import StoredEvent
+from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore, PostgresFactory
+from psycopg import Cursor
+from psycopg.rows import DictRow
+from psycopg.sql import SQL, Identifier
+
+from domain.claims import CLAIMS_KWARG
+
+CLAIMS_TABLE = "usage_request_claims"
+GUARD_FUNCTION = "lwapi_refuse_history_change"
+
+
+def append_only_statements(schema: str, table: str) -> list[SQL | Any]:
+    """Triggers refusing row changes and truncation; lifting them takes a deliberate ALTER TABLE."""
+    fmt = {"schema": Identifier(schema), "table": Identifier(table), "fn": Identifier(GUARD_FUNCTION),
+           "row_trigger": Identifier(f"{table}_append_only"),
+           "truncate_trigger": Identifier(f"{table}_no_truncate")}
+    return [
+        SQL("CREATE OR REPLACE TRIGGER {row_trigger} BEFORE UPDATE OR DELETE ON {schema}.{table} "
+            "FOR EACH ROW EXECUTE FUNCTION {schema}.{fn}()").format(**fmt),
+        SQL("CREATE OR REPLACE TRIGGER {truncate_trigger} BEFORE TRUNCATE ON {schema}.{table} "
+            "FOR EACH STATEMENT EXECUTE FUNCTION {schema}.{fn}()").format(**fmt),
+    ]
+
+
+class ClaimingPostgresApplicationRecorder(PostgresApplicationRecorder):
+    def __init__(self, datastore: PostgresDatastore, *, events_table_name: str = "stored_events") -> None:
+        super().__init__(datastore, events_table_name=events_table_name)
+        schema = Identifier(self.datastore.schema)
+        self.claims_table = Identifier(CLAIMS_TABLE)
+        self.sql_create_statements += [
+            SQL("CREATE TABLE IF NOT EXISTS {0}.{1} (request_id text PRIMARY KEY)").format(
+                schema, self.claims_table),
+            SQL("CREATE OR REPLACE FUNCTION {0}.{1}() RETURNS trigger LANGUAGE plpgsql AS $f$ BEGIN "
+                "RAISE EXCEPTION 'history is append-only: % on % refused', TG_OP, TG_TABLE_NAME "
+                "USING ERRCODE = 'insufficient_privilege'; END $f$").format(
+                schema, Identifier(GUARD_FUNCTION)),
+            *append_only_statements(self.datastore.schema, self.events_table_name),
+            *append_only_statements(self.datastore.schema, CLAIMS_TABLE),
+        ]
+        self._insert_claims = SQL("INSERT INTO {0}.{1} (request_id) SELECT unnest(%s::text[])").format(
+            schema, self.claims_table)
+        self._select_claims = SQL("SELECT request_id FROM {0}.{1} WHERE request_id = ANY(%s)").format(
+            schema, self.claims_table)
+
+    def _insert_events(self, curs: Cursor[DictRow], stored_events: Sequence[StoredEvent], **kwargs: Any) -> None:
+        request_ids: Sequence[str] = kwargs.get(CLAIMS_KWARG) or ()
+        if request_ids:
+            curs.execute(self._insert_claims, (list(request_ids),), prepare=True)
+
+    def claimed_request_ids(self, request_ids: Sequence[str]) -> set[str]:
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(self._select_claims, (list(request_ids),))
+            return {row["request_id"] for row in curs.fetchall()}
+
+
+class ClaimingPostgresFactory(PostgresFactory):
+    application_recorder_class = ClaimingPostgresApplicationRecorder
+
+
+Factory = ClaimingPostgresFactory

@@ -1,0 +1,75 @@
+"""How domain values that JSON does not know are stored in events.
+
+Imports: stdlib, eventsourcing, domain.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from eventsourcing.persistence import (
+    DatetimeAsISO,
+    DecimalAsStr,
+    JSONTranscoder,
+    Transcoding,
+    UUIDAsHex,
+)
+
+from domain.api_key import KeySettings
+from domain.project import Role
+
+
+class RoleAsName(Transcoding):
+    type = Role
+    name = "role"
+
+    def encode(self, obj: Role) -> str:
+        return obj.value
+
+    def decode(self, data: str) -> Role:
+        return Role(data)
+
+
+class KeySettingsAsDict(Transcoding):
+    type = KeySettings
+    name = "key_settings"
+
+    def encode(self, obj: KeySettings) -> dict[str, Any]:
+        return {
+            "name": obj.name,
+            "rpm_limit": obj.rpm_limit,
+            "tpm_limit": obj.tpm_limit,
+            "cap_credits": obj.cap_credits,
+            "valid_from": obj.valid_from,
+            "valid_until": obj.valid_until,
+            "allowed_models": list(obj.allowed_models),
+        }
+
+    def decode(self, data: dict[str, Any]) -> KeySettings:
+        return KeySettings(
+            name=data["name"],
+            rpm_limit=data["rpm_limit"],
+            tpm_limit=data["tpm_limit"],
+            cap_credits=data["cap_credits"],
+            valid_from=_as_datetime(data["valid_from"]),
+            valid_until=_as_datetime(data["valid_until"]),
+            allowed_models=tuple(data["allowed_models"]),
+        )
+
+
+def _as_datetime(value: object) -> datetime | None:
+    if value is None or isinstance(value, datetime):
+        return value
+    return datetime.fromisoformat(str(value))
+
+
+DOMAIN_TRANSCODINGS: tuple[Transcoding, ...] = (RoleAsName(), KeySettingsAsDict())
+
+
+def make_transcoder() -> JSONTranscoder:
+    """The transcoder the Application uses, for readers of the log outside it (projections)."""
+    transcoder = JSONTranscoder()
+    for transcoding in (UUIDAsHex(), DecimalAsStr(), DatetimeAsISO(), *DOMAIN_TRANSCODINGS):
+        transcoder.register(transcoding)
+    return transcoder

@@ -1,0 +1,132 @@
+"""Usage entries and the `UsageBatch` aggregate that records many of them in one event.
+
+Imports: stdlib, eventsourcing, domain. One event per request would make the event store's table
+lock the gateway's ceiling, so entries travel in batches; each entry is stored as a flat row of
+primitives (`ROW_FIELDS`) so that projections can fold a million of them without building objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import astuple, dataclass
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.domain import Aggregate
+
+from domain.errors import DuplicateRequest, InvalidValue
+from domain.validation import COUNT_MAX, CREDITS_MAX, MODEL_NAME_CHARS_MAX
+
+ENTRIES_PER_BATCH_MAX = 5_000
+REQUEST_ID_CHARS_MAX = 128
+DEPLOYMENT_CHARS_MAX = 200
+TIME_MS_MAX = 10**14  # year 5138: refuses seconds-for-milliseconds and other unit slips
+
+ROW_FIELDS = (
+    "request_id", "project_id", "key_id", "model", "deployment",
+    "tokens_prompt", "tokens_prompt_cached", "tokens_completion", "cost_credits",
+    "started_at_ms", "finished_at_ms", "estimated",
+)
+Row = list[Any]
+
+
+@dataclass(frozen=True)
+class UsageEntry:
+    """What one request consumed. `estimated` is true when the backend reported no usage."""
+
+    request_id: str
+    project_id: UUID
+    key_id: UUID
+    model: str
+    deployment: str
+    tokens_prompt: int
+    tokens_prompt_cached: int
+    tokens_completion: int
+    cost_credits: int
+    started_at_ms: int
+    finished_at_ms: int
+    estimated: bool = False
+
+    @property
+    def tokens_total(self) -> int:
+        return self.tokens_prompt + self.tokens_completion
+
+    def validate(self) -> UsageEntry:
+        _check_text(self.request_id, "request id", REQUEST_ID_CHARS_MAX)
+        _check_text(self.model, "model", MODEL_NAME_CHARS_MAX)
+        if not isinstance(self.deployment, str) or len(self.deployment) > DEPLOYMENT_CHARS_MAX:
+            raise InvalidValue("deployment must be text of at most 200 characters")
+        if not isinstance(self.project_id, UUID) or not isinstance(self.key_id, UUID):
+            raise InvalidValue("project id and key id must be UUIDs")
+        for name in ("tokens_prompt", "tokens_prompt_cached", "tokens_completion"):
+            _check_int(getattr(self, name), name, COUNT_MAX)
+        if self.tokens_prompt_cached > self.tokens_prompt:
+            raise InvalidValue("cached prompt tokens exceed prompt tokens")
+        _check_int(self.cost_credits, "cost_credits", CREDITS_MAX)
+        _check_int(self.started_at_ms, "started_at_ms", TIME_MS_MAX)
+        _check_int(self.finished_at_ms, "finished_at_ms", TIME_MS_MAX)
+        if self.finished_at_ms < self.started_at_ms:
+            raise InvalidValue("a request cannot finish before it starts")
+        if not isinstance(self.estimated, bool):
+            raise InvalidValue("estimated must be a boolean")
+        return self
+
+    def to_row(self) -> Row:
+        row = list(astuple(self))
+        row[1], row[2] = self.project_id.hex, self.key_id.hex
+        return row
+
+    @classmethod
+    def from_row(cls, row: Row) -> UsageEntry:
+        values = list(row)
+        values[1], values[2] = UUID(values[1]), UUID(values[2])
+        return cls(*values)
+
+
+def _check_text(value: object, field: str, chars_max: int) -> None:
+    if not isinstance(value, str) or not value or len(value) > chars_max or not value.isprintable():
+        raise InvalidValue(f"{field} must be printable text of 1 to {chars_max} characters")
+
+
+def _check_int(value: object, field: str, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
+        raise InvalidValue(f"{field} must be an integer between 0 and {high}")
+
+
+def check_batch(entries: list[UsageEntry]) -> list[Row]:
+    """Validated rows for a batch: bounded size, valid entries, no request id twice."""
+    if not entries:
+        raise InvalidValue("a usage batch must not be empty")
+    if len(entries) > ENTRIES_PER_BATCH_MAX:
+        raise InvalidValue(f"a usage batch holds at most {ENTRIES_PER_BATCH_MAX} entries")
+    seen: set[str] = set()
+    repeated: list[str] = []
+    for entry in entries:
+        entry.validate()
+        if entry.request_id in seen:
+            repeated.append(entry.request_id)
+        seen.add(entry.request_id)
+    if repeated:
+        raise DuplicateRequest(repeated)
+    return [entry.to_row() for entry in entries]
+
+
+class UsageBatch(Aggregate):
+    """Usage entries recorded together; a batch is written once and never changes."""
+
+    class Recorded(Aggregate.Created):
+        rows: list[Row]
+
+    def __init__(self, rows: list[Row]) -> None:
+        self.rows = rows
+
+    @classmethod
+    def record(cls, batch_id: UUID, entries: list[UsageEntry]) -> UsageBatch:
+        return cls._create(cls.Recorded, id=batch_id, rows=check_batch(entries))
+
+    @property
+    def entries(self) -> list[UsageEntry]:
+        return [UsageEntry.from_row(row) for row in self.rows]
+
+    @property
+    def request_ids(self) -> list[str]:
+        return [row[0] for row in self.rows]

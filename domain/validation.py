@@ -1,0 +1,86 @@
+"""Field validation shared by the aggregates: names, codes, e-mails, bounded integers.
+
+Imports: stdlib only.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+
+from domain.errors import InvalidAmount, InvalidValue
+
+NAME_CHARS_MAX = 120
+EMAIL_CHARS_MAX = 254
+MODEL_NAME_CHARS_MAX = 200
+REASON_CHARS_MAX = 500
+CREDITS_MAX = 10**15  # a quadrillion smallest units: far above any real budget, far below int64
+COUNT_MAX = 10**9
+
+_CODE_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{1,39}$")
+_EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+_MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
+
+
+def clean_text(value: str, field: str, *, chars_max: int = NAME_CHARS_MAX) -> str:
+    """Strip surrounding space; refuse empty, over-long or control-character text."""
+    if not isinstance(value, str):
+        raise InvalidValue(f"{field} must be text")
+    text = value.strip()
+    if not text:
+        raise InvalidValue(f"{field} must not be empty")
+    if len(text) > chars_max:
+        raise InvalidValue(f"{field} must be at most {chars_max} characters")
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise InvalidValue(f"{field} must not contain control characters")
+    return text
+
+
+def clean_email(value: str) -> str:
+    email = clean_text(value, "e-mail", chars_max=EMAIL_CHARS_MAX).lower()
+    if not _EMAIL_RE.match(email):
+        raise InvalidValue(f"not an e-mail address: {email!r}")
+    return email
+
+
+def clean_code(value: str) -> str:
+    code = clean_text(value, "project code", chars_max=40).lower()
+    if not _CODE_RE.match(code):
+        raise InvalidValue(
+            "project code must be 2-40 characters: lowercase letters, digits, '-' or '_', "
+            "starting with a letter or digit"
+        )
+    return code
+
+
+def clean_model_name(value: str) -> str:
+    name = clean_text(value, "model name", chars_max=MODEL_NAME_CHARS_MAX)
+    if not _MODEL_RE.match(name):
+        raise InvalidValue(f"not a model name: {name!r}")
+    return name
+
+
+def bounded_int(value: object, field: str, *, low: int, high: int) -> int:
+    """An int (not bool) within [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidValue(f"{field} must be an integer")
+    if not low <= value <= high:
+        raise InvalidValue(f"{field} must be between {low} and {high}")
+    return value
+
+
+def credits(value: object, field: str, *, low: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidAmount(f"{field} must be an integer number of credits")
+    if not low <= value <= CREDITS_MAX:
+        raise InvalidAmount(f"{field} must be between {low} and {CREDITS_MAX}")
+    return value
+
+
+def aware(value: datetime | None, field: str) -> datetime | None:
+    """Times are compared across processes and zones: refuse naive datetimes."""
+    if value is None:
+        return None
+    if not isinstance(value, datetime) or value.tzinfo is None or value.utcoffset() is None:
+        raise InvalidValue(f"{field} must be a timezone-aware time")
+    return value
