@@ -41,9 +41,12 @@ APPLICATION_NAME = "Accounting"
 
 @dataclass(frozen=True)
 class RecordedUsage:
+    """`position` is the batch's place in the notification log (0 when it was already recorded)."""
+
     batch_id: UUID
     entries: int
     already_recorded: bool
+    position: int = 0
 
 
 class Accounting(Application[UUID]):
@@ -290,7 +293,7 @@ class Accounting(Application[UUID]):
         batch = UsageBatch.record(batch_id, list(entries))
         request_ids = batch.request_ids
         try:
-            self.save(batch, **{CLAIMS_KWARG: request_ids})
+            recordings = self.save(batch, **{CLAIMS_KWARG: request_ids})
         except IntegrityError:
             if self._batch_exists(batch_id):
                 return RecordedUsage(batch_id, len(request_ids), already_recorded=True)
@@ -298,7 +301,8 @@ class Accounting(Application[UUID]):
             claimed = recorder.claimed_request_ids(request_ids)
             invariant(bool(claimed), "an integrity error with neither a batch nor a claim conflict")
             raise DuplicateRequest(sorted(claimed)) from None
-        return RecordedUsage(batch_id, len(request_ids), already_recorded=False)
+        position = max((r.notification.id or 0 for r in recordings), default=0)
+        return RecordedUsage(batch_id, len(request_ids), already_recorded=False, position=position)
 
     def _batch_exists(self, batch_id: UUID) -> bool:
         return bool(self.recorder.select_events(batch_id, limit=1))

@@ -100,7 +100,20 @@ def key_status(
 
 
 class ApiKey(Aggregate):
-    @event("Created")
+    class Created(Aggregate.Created):
+        project_id: UUID
+        owner_id: UUID
+        secret_hash: str
+        display_prefix: str
+        settings: KeySettings
+
+    class Edited(Aggregate.Event):
+        settings: KeySettings
+
+    class Revoked(Aggregate.Event):
+        revoked_at: datetime
+
+    @event(Created)
     def __init__(
         self,
         project_id: UUID,
@@ -151,7 +164,7 @@ class ApiKey(Aggregate):
         if cleaned != self.settings:
             self._edited(settings=cleaned)
 
-    @event("Edited")
+    @event(Edited)
     def _edited(self, settings: KeySettings) -> None:
         self.settings = settings
 
@@ -160,6 +173,6 @@ class ApiKey(Aggregate):
             raise KeyRevoked("the key is already revoked")
         self._revoked(revoked_at=datetime.now(UTC))
 
-    @event("Revoked")
+    @event(Revoked)
     def _revoked(self, revoked_at: datetime) -> None:
         self.revoked_at = revoked_at

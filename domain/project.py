@@ -46,7 +46,46 @@ class Balance:
 
 
 class Project(Aggregate):
-    @event("Created")
+    class Created(Aggregate.Created):
+        code: str
+        name: str
+        creator_id: UUID
+
+    class Renamed(Aggregate.Event):
+        name: str
+
+    class MemberAdded(Aggregate.Event):
+        user_id: UUID
+        role: Role
+
+    class RoleChanged(Aggregate.Event):
+        user_id: UUID
+        role: Role
+
+    class MemberRemoved(Aggregate.Event):
+        user_id: UUID
+
+    class CreatorHandedOver(Aggregate.Event):
+        previous_id: UUID
+        new_creator_id: UUID
+
+    class CreditsGranted(Aggregate.Event):
+        amount_credits: int
+        reason: str
+        granted_by: UUID | None
+
+    class CreditsCorrected(Aggregate.Event):
+        amount_credits: int
+        reason: str
+        corrected_by: UUID | None
+
+    class Archived(Aggregate.Event):
+        pass
+
+    class KeyRegistered(Aggregate.Event):
+        key_id: UUID
+
+    @event(Created)
     def __init__(self, code: str, name: str, creator_id: UUID) -> None:
         self.code = code
         self.name = name
@@ -77,7 +116,7 @@ class Project(Aggregate):
         self._require_open()
         self._renamed(name=clean_text(name, "project name"))
 
-    @event("Renamed")
+    @event(Renamed)
     def _renamed(self, name: str) -> None:
         self.name = name
 
@@ -91,7 +130,7 @@ class Project(Aggregate):
             raise InvalidAmount(f"a project has at most {MEMBERS_MAX} members")
         self._member_added(user_id=user_id, role=role)
 
-    @event("MemberAdded")
+    @event(MemberAdded)
     def _member_added(self, user_id: UUID, role: Role) -> None:
         self.members[user_id] = role
 
@@ -102,7 +141,7 @@ class Project(Aggregate):
         if current is not role:
             self._role_changed(user_id=user_id, role=role)
 
-    @event("RoleChanged")
+    @event(RoleChanged)
     def _role_changed(self, user_id: UUID, role: Role) -> None:
         self.members[user_id] = role
 
@@ -111,7 +150,7 @@ class Project(Aggregate):
             raise LastCreatorRemoved("the creator cannot be removed: hand the role over first")
         self._member_removed(user_id=user_id)
 
-    @event("MemberRemoved")
+    @event(MemberRemoved)
     def _member_removed(self, user_id: UUID) -> None:
         del self.members[user_id]
 
@@ -122,7 +161,7 @@ class Project(Aggregate):
         if new_creator_id != self.creator_id:
             self._creator_handed_over(previous_id=self.creator_id, new_creator_id=new_creator_id)
 
-    @event("CreatorHandedOver")
+    @event(CreatorHandedOver)
     def _creator_handed_over(self, previous_id: UUID, new_creator_id: UUID) -> None:
         self.members[previous_id] = Role.MANAGER
         self.members[new_creator_id] = Role.CREATOR
@@ -143,7 +182,7 @@ class Project(Aggregate):
             granted_by=granted_by,
         )
 
-    @event("CreditsGranted")
+    @event(CreditsGranted)
     def _credits_granted(self, amount_credits: int, reason: str, granted_by: UUID | None) -> None:
         self.granted_credits += amount_credits
 
@@ -158,7 +197,7 @@ class Project(Aggregate):
             corrected_by=corrected_by,
         )
 
-    @event("CreditsCorrected")
+    @event(CreditsCorrected)
     def _credits_corrected(self, amount_credits: int, reason: str, corrected_by: UUID | None) -> None:
         self.corrections_credits += amount_credits
 
@@ -166,7 +205,7 @@ class Project(Aggregate):
         if not self.archived:
             self._archived()
 
-    @event("Archived")
+    @event(Archived)
     def _archived(self) -> None:
         self.archived = True
 
@@ -174,7 +213,7 @@ class Project(Aggregate):
         self._require_open()
         self._key_registered(key_id=key_id)
 
-    @event("KeyRegistered")
+    @event(KeyRegistered)
     def _key_registered(self, key_id: UUID) -> None:
         self.key_ids.append(key_id)
 
@@ -182,11 +221,15 @@ class Project(Aggregate):
 class ProjectCodeIndex(Aggregate):
     """One per project code; its id is derived from the code, so a second project with it conflicts."""
 
+    class Claimed(Aggregate.Created):
+        code: str
+        project_id: UUID
+
     @staticmethod
     def create_id(code: str) -> UUID:
         return uuid5(NAMESPACE_URL, f"/lwapi/project-code/{code}")
 
-    @event("Claimed")
+    @event(Claimed)
     def __init__(self, code: str, project_id: UUID) -> None:
         self.code = code
         self.project_id = project_id

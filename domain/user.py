@@ -25,7 +25,24 @@ def _check_password_hash(value: str | None) -> str | None:
 class User(Aggregate):
     """A person: an SSO subject or a local account, optionally a platform administrator."""
 
-    @event("Registered")
+    class Registered(Aggregate.Created):
+        email: str
+        display_name: str
+        subject: str | None
+        password_hash: str | None
+        is_admin: bool
+
+    class ProfileUpdated(Aggregate.Event):
+        display_name: str
+        email: str
+
+    class PasswordChanged(Aggregate.Event):
+        password_hash: str
+
+    class AdminChanged(Aggregate.Event):
+        is_admin: bool
+
+    @event(Registered)
     def __init__(
         self,
         email: str,
@@ -64,7 +81,7 @@ class User(Aggregate):
         if (name, mail) != (self.display_name, self.email):
             self._profile_updated(display_name=name, email=mail)
 
-    @event("ProfileUpdated")
+    @event(ProfileUpdated)
     def _profile_updated(self, display_name: str, email: str) -> None:
         self.display_name = display_name
         self.email = email
@@ -75,7 +92,7 @@ class User(Aggregate):
             raise InvalidValue("a password hash is required")
         self._password_changed(password_hash=checked)
 
-    @event("PasswordChanged")
+    @event(PasswordChanged)
     def _password_changed(self, password_hash: str) -> None:
         self.password_hash = password_hash
 
@@ -83,7 +100,7 @@ class User(Aggregate):
         if bool(is_admin) != self.is_admin:
             self._admin_changed(is_admin=bool(is_admin))
 
-    @event("AdminChanged")
+    @event(AdminChanged)
     def _admin_changed(self, is_admin: bool) -> None:
         self.is_admin = is_admin
 
@@ -91,11 +108,21 @@ class User(Aggregate):
 class EmailIndex(Aggregate):
     """One per e-mail address; its id is derived from the address, so a second claim conflicts."""
 
+    class Claimed(Aggregate.Created):
+        email: str
+        user_id: UUID
+
+    class Released(Aggregate.Event):
+        pass
+
+    class Reclaimed(Aggregate.Event):
+        user_id: UUID
+
     @staticmethod
     def create_id(email: str) -> UUID:
         return uuid5(NAMESPACE_URL, f"/lwapi/email/{email}")
 
-    @event("Claimed")
+    @event(Claimed)
     def __init__(self, email: str, user_id: UUID) -> None:
         self.email = email
         self.user_id: UUID | None = user_id
@@ -103,14 +130,14 @@ class EmailIndex(Aggregate):
     def release(self) -> None:
         self._released()
 
-    @event("Released")
+    @event(Released)
     def _released(self) -> None:
         self.user_id = None
 
     def reclaim(self, user_id: UUID) -> None:
         self._reclaimed(user_id=user_id)
 
-    @event("Reclaimed")
+    @event(Reclaimed)
     def _reclaimed(self, user_id: UUID) -> None:
         self.user_id = user_id
 
@@ -118,11 +145,15 @@ class EmailIndex(Aggregate):
 class SubjectIndex(Aggregate):
     """One per SSO subject (issuer-scoped by the caller), so one person maps to one user."""
 
+    class Claimed(Aggregate.Created):
+        subject: str
+        user_id: UUID
+
     @staticmethod
     def create_id(subject: str) -> UUID:
         return uuid5(NAMESPACE_URL, f"/lwapi/subject/{subject}")
 
-    @event("Claimed")
+    @event(Claimed)
     def __init__(self, subject: str, user_id: UUID) -> None:
         self.subject = subject
         self.user_id = user_id

@@ -15,7 +15,7 @@ from eventsourcing.persistence import StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore, PostgresFactory
 from psycopg import Cursor
 from psycopg.rows import DictRow
-from psycopg.sql import SQL, Identifier
+from psycopg.sql import SQL, Composed, Identifier
 
 from domain.claims import CLAIMS_KWARG
 
@@ -23,7 +23,7 @@ CLAIMS_TABLE = "usage_request_claims"
 GUARD_FUNCTION = "lwapi_refuse_history_change"
 
 
-def append_only_statements(schema: str, table: str) -> list[SQL | Any]:
+def append_only_statements(schema: str, table: str) -> list[Composed]:
     """Triggers refusing row changes and truncation; lifting them takes a deliberate ALTER TABLE."""
     fmt = {"schema": Identifier(schema), "table": Identifier(table), "fn": Identifier(GUARD_FUNCTION),
            "row_trigger": Identifier(f"{table}_append_only"),

@@ -1,0 +1,83 @@
+"""`create_app(settings)`: the HTTP service — portal pages and the `/v1` API — on one `Runtime`.
+
+Imports: everything inward. The lifespan opens the runtime (embedded PostgreSQL if no
+DATABASE_URL), creates the schema, makes sure a first administrator exists, and runs the
+projection follower until shutdown; closing stops the embedded server this process started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from litestar import Litestar, Response, get
+from litestar.config.csrf import CSRFConfig
+from litestar.contrib.jinja import JinjaTemplateEngine
+from litestar.middleware.session.server_side import ServerSideSessionConfig
+from litestar.stores.memory import MemoryStore
+from litestar.template.config import TemplateConfig
+
+from edge.gateway.routes import gateway_router
+from edge.portal.routes import portal_routes
+from edge.runtime import Runtime, ensure_first_admin
+from edge.settings import Settings
+
+log = logging.getLogger("lwapi")
+TEMPLATES = Path(__file__).parent / "portal" / "templates"
+FOLLOWER_STOP_TIMEOUT_S = 10.0
+
+
+def create_app(settings: Settings) -> Litestar:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        runtime = await asyncio.to_thread(Runtime.open, settings)
+        try:
+            created = await ensure_first_admin(runtime)
+            if created is not None:
+                announce_admin(*created)
+            assert runtime.follower is not None
+            stop = asyncio.Event()
+            follower_task = asyncio.create_task(runtime.follower.run(stop), name="projection-follower")
+            app.state.runtime = runtime
+            log.info("serving on http://%s:%d", settings.host, settings.port)
+            yield
+            stop.set()
+            await asyncio.wait_for(follower_task, FOLLOWER_STOP_TIMEOUT_S)
+        finally:
+            await runtime.aclose()
+            await asyncio.to_thread(runtime.close)
+
+    @get("/healthz", sync_to_thread=False)
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return Litestar(
+        route_handlers=[healthz, gateway_router, *portal_routes],
+        lifespan=[lifespan],
+        template_config=TemplateConfig(directory=TEMPLATES, engine=JinjaTemplateEngine),
+        middleware=[ServerSideSessionConfig(max_age=8 * 3600, httponly=True, samesite="lax").middleware],
+        stores={"sessions": MemoryStore()},
+        csrf_config=CSRFConfig(secret=secrets.token_urlsafe(32), exclude=["/v1", "/healthz"],
+                               cookie_httponly=True, cookie_samesite="lax"),
+        exception_handlers={},
+        response_headers=[],
+        debug=False,
+    )
+
+
+def announce_admin(email: str, password: str | None) -> None:
+    """Printed once, on the terminal that started the service: the first administrator's login."""
+    if password is None:
+        print(f"First administrator: {email} (password from LWAPI_ADMIN_PASSWORD)", flush=True)
+        return
+    print("=" * 72, flush=True)
+    print(f"First administrator created: {email}", flush=True)
+    print(f"Password (shown only this once): {password}", flush=True)
+    print("=" * 72, flush=True)
+
+
+__all__ = ["Response", "create_app"]

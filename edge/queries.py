@@ -1,0 +1,110 @@
+"""Read-model queries shared by the CLI and the portal (asyncpg, bounded result sizes).
+
+Imports: asyncpg, projections.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from projections.base import SCHEMA
+
+ROWS_MAX = 10_000
+
+
+def _rows(records: list[asyncpg.Record]) -> list[dict[str, Any]]:
+    return [dict(r) for r in records]
+
+
+async def users(pool: asyncpg.Pool) -> list[dict[str, Any]]:
+    return _rows(await pool.fetch(
+        f"SELECT user_id, email, display_name, is_admin, has_password, subject, created_at "
+        f"FROM {SCHEMA}.users ORDER BY email LIMIT {ROWS_MAX}"))
+
+
+async def projects(pool: asyncpg.Pool) -> list[dict[str, Any]]:
+    return _rows(await pool.fetch(
+        f"SELECT p.code, p.name, p.archived, b.granted_credits, b.corrections_credits, b.charged_credits, "
+        f"b.remaining_credits, p.project_id FROM {SCHEMA}.projects p "
+        f"JOIN {SCHEMA}.balances b USING (project_id) ORDER BY p.code LIMIT {ROWS_MAX}"))
+
+
+async def projects_of_user(pool: asyncpg.Pool, user_id: UUID) -> list[dict[str, Any]]:
+    return _rows(await pool.fetch(
+        f"SELECT p.project_id, p.code, p.name, p.archived, m.role, b.remaining_credits "
+        f"FROM {SCHEMA}.memberships m JOIN {SCHEMA}.projects p USING (project_id) "
+        f"JOIN {SCHEMA}.balances b USING (project_id) WHERE m.user_id = $1 ORDER BY p.code LIMIT {ROWS_MAX}",
+        user_id))
+
+
+async def project(pool: asyncpg.Pool, project_id: UUID) -> dict[str, Any]:
+    row = await pool.fetchrow(
+        f"SELECT p.project_id, p.code, p.name, p.archived, p.created_at, u.email AS creator, "
+        f"b.granted_credits, b.corrections_credits, b.charged_credits, b.remaining_credits, b.requests, "
+        f"b.tokens_prompt, b.tokens_completion FROM {SCHEMA}.projects p "
+        f"JOIN {SCHEMA}.balances b USING (project_id) "
+        f"LEFT JOIN {SCHEMA}.users u ON u.user_id = p.creator_id WHERE p.project_id = $1", project_id)
+    return dict(row) if row else {}
+
+
+async def members(pool: asyncpg.Pool, project_id: UUID) -> list[dict[str, Any]]:
+    return _rows(await pool.fetch(
+        f"SELECT u.email, u.display_name, m.role, m.since, m.user_id FROM {SCHEMA}.memberships m "
+        f"JOIN {SCHEMA}.users u USING (user_id) WHERE m.project_id = $1 "
+        f"ORDER BY CASE m.role WHEN 'creator' THEN 0 WHEN 'manager' THEN 1 ELSE 2 END, u.email "
+        f"LIMIT {ROWS_MAX}", project_id))
+
+
+async def keys(pool: asyncpg.Pool, project_id: UUID) -> list[dict[str, Any]]:
+    return _rows(await pool.fetch(
+        f"SELECT k.key_id, k.name, k.display_prefix, u.email AS owner, k.rpm_limit, k.tpm_limit, k.cap_credits, "
+        f"coalesce(ku.cost_credits, 0) AS used_credits, coalesce(ku.requests, 0) AS requests, "
+        f"k.valid_from, k.valid_until, k.allowed_models, k.created_at, k.revoked_at "
+        f"FROM {SCHEMA}.api_keys k LEFT JOIN {SCHEMA}.key_usage ku USING (key_id) "
+        f"LEFT JOIN {SCHEMA}.users u ON u.user_id = k.owner_id "
+        f"WHERE k.project_id = $1 ORDER BY k.created_at LIMIT {ROWS_MAX}", project_id))
+
+
+async def key(pool: asyncpg.Pool, key_id: UUID) -> dict[str, Any]:
+    row = await pool.fetchrow(
+        f"SELECT k.key_id, k.project_id, k.owner_id, k.display_prefix, k.name, k.rpm_limit, k.tpm_limit, "
+        f"k.cap_credits, k.valid_from, k.valid_until, k.allowed_models, k.created_at, k.revoked_at, "
+        f"coalesce(ku.cost_credits, 0) AS used_credits, coalesce(ku.requests, 0) AS requests "
+        f"FROM {SCHEMA}.api_keys k LEFT JOIN {SCHEMA}.key_usage ku USING (key_id) WHERE k.key_id = $1", key_id)
+    return dict(row) if row else {}
+
+
+async def projection_status(pool: asyncpg.Pool) -> list[dict[str, Any]]:
+    from projections.follower import Follower  # noqa: PLC0415 - keeps this module's imports light
+
+    follower = Follower(pool)
+    head = await follower.head()
+    positions = await follower.positions()
+    return [{"projection": name, "position": pos, "head": head, "lag_events": head - pos}
+            for name, pos in positions.items()]
+
+
+async def rebuild(pool: asyncpg.Pool) -> dict[str, Any]:
+    import time  # noqa: PLC0415
+
+    from projections.follower import Follower  # noqa: PLC0415
+
+    follower = Follower(pool, page_events_max=1000)
+    started = time.perf_counter()
+    stats = await follower.rebuild()
+    return {"projections": len(follower.projections), "events": stats.events, "usage_entries": stats.usage_entries,
+            "position": stats.position, "seconds": time.perf_counter() - started}
+
+
+async def health(pool: asyncpg.Pool) -> dict[str, Any]:
+    guard = await pool.fetchval(
+        "SELECT count(*) FROM pg_trigger WHERE tgname IN ('accounting_events_append_only', "
+        "'accounting_events_no_truncate', 'usage_request_claims_append_only', 'usage_request_claims_no_truncate') "
+        "AND tgenabled <> 'D'")
+    status = await projection_status(pool)
+    return {"database": "ok", "server_version": await pool.fetchval("SHOW server_version"),
+            "append_only_guard": guard == 4, "events": status[0]["head"] if status else 0,
+            "max_projection_lag_events": max((s["lag_events"] for s in status), default=0)}

@@ -1,0 +1,77 @@
+"""Service settings, read once from `LWAPI_`-prefixed environment variables (and DATABASE_URL).
+
+Imports: stdlib. Settings are a frozen value handed to `edge.runtime`; nothing else reads the
+environment.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+DEFAULT_PORT = 8080
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path
+    """Local data folder: the embedded PostgreSQL cluster, the key pepper file (LWAPI_DATA_DIR)."""
+    database_url: str | None
+    """External PostgreSQL (DATABASE_URL); unset means the embedded server in `data_dir`."""
+    host: str
+    """Address the HTTP server binds (LWAPI_HOST)."""
+    port: int
+    """Port the HTTP server binds (LWAPI_PORT)."""
+    key_pepper_hex: str | None
+    """Secret mixed into API-key hashes (LWAPI_KEY_PEPPER, hex); unset means `data_dir/key_pepper`."""
+    admin_email: str | None
+    """First administrator's e-mail (LWAPI_ADMIN_EMAIL); unset means admin@localhost."""
+    admin_password: str | None
+    """First administrator's password (LWAPI_ADMIN_PASSWORD); unset means one is generated and printed once."""
+    db_pool_size: int
+    """Connections per pool to PostgreSQL (LWAPI_DB_POOL_SIZE)."""
+    db_timeout_s: float
+    """Timeout for connecting and for each database command (LWAPI_DB_TIMEOUT_S)."""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        e = os.environ if env is None else env
+        return cls(
+            data_dir=Path(e.get("LWAPI_DATA_DIR", ".lwapi")).expanduser().absolute(),
+            database_url=e.get("DATABASE_URL") or None,
+            host=e.get("LWAPI_HOST", "127.0.0.1"),
+            port=_int(e, "LWAPI_PORT", DEFAULT_PORT, 1, 65535),
+            key_pepper_hex=e.get("LWAPI_KEY_PEPPER") or None,
+            admin_email=e.get("LWAPI_ADMIN_EMAIL") or None,
+            admin_password=e.get("LWAPI_ADMIN_PASSWORD") or None,
+            db_pool_size=_int(e, "LWAPI_DB_POOL_SIZE", 10, 2, 200),
+            db_timeout_s=float(_int(e, "LWAPI_DB_TIMEOUT_S", 30, 1, 3600)),
+        )
+
+    def with_overrides(self, *, data_dir: Path | None = None, port: int | None = None,
+                       host: str | None = None) -> Settings:
+        return replace(
+            self,
+            data_dir=self.data_dir if data_dir is None else data_dir.expanduser().absolute(),
+            port=self.port if port is None else port,
+            host=self.host if host is None else host,
+        )
+
+
+def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+    if not low <= value <= high:
+        raise SettingsError(f"{name} must be between {low} and {high}, got {value}")
+    return value

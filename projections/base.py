@@ -1,0 +1,39 @@
+"""What every read model provides to the follower, and the schema they live in.
+
+Imports: stdlib, asyncpg. A projection owns its tables; `apply` writes the effect of a page of
+events inside the follower's transaction, which also moves the projection's tracked position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+Conn = asyncpg.Connection | PoolConnectionProxy  # a pooled connection proxies a plain one
+SCHEMA = "lwapi_read"
+
+
+@dataclass(frozen=True)
+class Logged:
+    """A domain event with its position in the notification log."""
+
+    position: int
+    event: Any
+
+
+class Projection(Protocol):
+    name: str
+    tables: tuple[str, ...]
+    ddl: str
+
+    async def apply(self, conn: Conn, page: Sequence[Logged]) -> None:
+        """Write the effect of `page` (in log order); runs inside the follower's transaction."""
+        ...
+
+
+def qualified(table: str) -> str:
+    return f"{SCHEMA}.{table}"

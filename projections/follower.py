@@ -1,0 +1,176 @@
+"""Follows the accounting notification log and feeds the read models, exactly once.
+
+Imports: stdlib, asyncpg, eventsourcing (decoding), domain, projections. Each page of events is
+applied to every projection that has not seen it, and the projections' tracked positions move in
+the same transaction, under one advisory lock: a crash mid-page rolls the whole page back, and a
+second follower (another process) waits instead of applying the page twice. The event store's
+NOTIFY wakes the follower; a poll every `poll_interval_s` covers a lost notification.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from eventsourcing.persistence import Mapper, StoredEvent
+
+from domain.accounting import APPLICATION_NAME
+from domain.errors import invariant
+from domain.transcodings import make_transcoder
+from domain.usage import UsageBatch
+from projections.base import SCHEMA, Conn, Logged, Projection
+from projections.catalog import all_projections
+
+log = logging.getLogger(__name__)
+
+EVENTS_TABLE = f"public.{APPLICATION_NAME.lower()}_events"
+EVENTS_CHANNEL = f"{APPLICATION_NAME.lower()}_events"
+PROJECTIONS_CHANNEL = "lwapi_projections"
+ADVISORY_LOCK_KEY = 7_303_010_001  # "lwapi projections": one writer of read models at a time
+PAGE_EVENTS_MAX = 100
+POLL_INTERVAL_S = 1.0
+STATEMENT_TIMEOUT_MS = 60_000
+
+_SELECT_PAGE = (f"SELECT notification_id, originator_id, originator_version, topic, state FROM {EVENTS_TABLE} "
+                "WHERE notification_id > $1 ORDER BY notification_id LIMIT $2")
+
+
+@dataclass(frozen=True)
+class RebuildStats:
+    events: int
+    usage_entries: int
+    position: int
+
+
+class Follower:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        projections: Sequence[Projection] | None = None,
+        *,
+        page_events_max: int = PAGE_EVENTS_MAX,
+        poll_interval_s: float = POLL_INTERVAL_S,
+    ) -> None:
+        invariant(0 < page_events_max <= 10_000, "page size out of range")
+        self.pool = pool
+        self.projections = list(projections) if projections is not None else all_projections()
+        self.page_events_max = page_events_max
+        self.poll_interval_s = poll_interval_s
+        self.mapper: Mapper[Any] = Mapper(transcoder=make_transcoder())
+        self._wake = asyncio.Event()
+        self.usage_entries_applied = 0
+
+    async def ensure_schema(self) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", ADVISORY_LOCK_KEY)
+            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}")
+            await conn.execute(f"CREATE TABLE IF NOT EXISTS {SCHEMA}.positions "
+                               "(projection text PRIMARY KEY, position bigint NOT NULL)")
+            for projection in self.projections:
+                await conn.execute(projection.ddl)
+                await conn.execute(f"INSERT INTO {SCHEMA}.positions VALUES ($1, 0) ON CONFLICT DO NOTHING",
+                                   projection.name)
+
+    async def positions(self, conn: Conn | None = None) -> dict[str, int]:
+        if conn is None:
+            async with self.pool.acquire() as c:
+                return await self.positions(c)
+        rows = await conn.fetch(f"SELECT projection, position FROM {SCHEMA}.positions")
+        found = {r["projection"]: r["position"] for r in rows}
+        return {p.name: found.get(p.name, 0) for p in self.projections}
+
+    async def head(self) -> int:
+        async with self.pool.acquire() as conn:
+            return int(await conn.fetchval(f"SELECT coalesce(max(notification_id), 0) FROM {EVENTS_TABLE}"))
+
+    async def catch_up(self) -> int:
+        """Apply every page there is now; returns the lowest position reached."""
+        while True:
+            async with self.pool.acquire() as conn, conn.transaction():
+                await _lock(conn)
+                applied = await self.advance(conn)
+            if not applied:
+                return min((await self.positions()).values(), default=0)
+
+    async def advance(self, conn: Conn) -> int:
+        """Apply one page inside the caller's transaction; returns the number of events read."""
+        positions = await self.positions(conn)
+        start = min(positions.values(), default=0)
+        rows = await conn.fetch(_SELECT_PAGE, start, self.page_events_max)
+        if not rows:
+            return 0
+        page = [self._decode(r) for r in rows]
+        self.usage_entries_applied += sum(len(p.event.rows) for p in page if isinstance(p.event, UsageBatch.Recorded))
+        for projection in self.projections:
+            unseen = [logged for logged in page if logged.position > positions[projection.name]]
+            if unseen:
+                await projection.apply(conn, unseen)
+        last = page[-1].position
+        await conn.execute(f"UPDATE {SCHEMA}.positions SET position = greatest(position, $1)", last)
+        await conn.execute("SELECT pg_notify($1, $2)", PROJECTIONS_CHANNEL, str(last))
+        return len(page)
+
+    def _decode(self, row: asyncpg.Record) -> Logged:
+        stored = StoredEvent(originator_id=row["originator_id"], originator_version=row["originator_version"],
+                             topic=row["topic"], state=bytes(row["state"]))
+        return Logged(position=row["notification_id"], event=self.mapper.to_domain_event(stored))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Follow until `stop` is set; listens on the event store's channel to wake promptly."""
+        listener = await self.pool.acquire()
+        try:
+            await listener.add_listener(EVENTS_CHANNEL, self._on_notify)
+            while not stop.is_set():
+                try:
+                    await self.catch_up()
+                except (TimeoutError, asyncpg.PostgresError, OSError):
+                    log.exception("projection follower: catch-up failed; retrying")
+                    await asyncio.sleep(self.poll_interval_s)
+                self._wake.clear()
+                waiter = asyncio.ensure_future(self._wake.wait())
+                stopper = asyncio.ensure_future(stop.wait())
+                await asyncio.wait({waiter, stopper}, timeout=self.poll_interval_s,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                stopper.cancel()
+        finally:
+            await listener.remove_listener(EVENTS_CHANNEL, self._on_notify)
+            await self.pool.release(listener)
+
+    def _on_notify(self, *_: object) -> None:
+        self._wake.set()
+
+    async def wait_for(self, position: int, timeout_s: float) -> bool:
+        """Until every projection has applied `position` (polled); False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if min((await self.positions()).values(), default=0) >= position:
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
+    async def rebuild(self) -> RebuildStats:
+        """Recompute every read model from the log in one transaction; readers see the old
+        tables until it commits, and the live follower waits on the lock meanwhile."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await _lock(conn)
+            for projection in self.projections:
+                for table in projection.tables:
+                    await conn.execute(f"DELETE FROM {SCHEMA}.{table}")
+            await conn.execute(f"UPDATE {SCHEMA}.positions SET position = 0")
+            events = 0
+            self.usage_entries_applied = 0
+            while applied := await self.advance(conn):
+                events += applied
+            position = min((await self.positions(conn)).values(), default=0)
+            return RebuildStats(events=events, usage_entries=self.usage_entries_applied, position=position)
+
+
+async def _lock(conn: Conn) -> None:
+    await conn.execute(f"SET LOCAL statement_timeout = {STATEMENT_TIMEOUT_MS}")
+    await conn.execute("SELECT pg_advisory_xact_lock($1)", ADVISORY_LOCK_KEY)
