@@ -402,3 +402,7 @@ def serve(ctx: click.Context, port: int | None, host: str | None, data_dir: Path
         raise InvalidValue("--port must be between 1 and 65535")
     from edge.server import run  # noqa: PLC0415 - the web stack loads only for this command
     run(ctx.obj.with_overrides(port=port, host=host, data_dir=data_dir))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""`lwapi` as an administrator uses it: real processes, real PostgreSQL, scriptable output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+LWAPI = [sys.executable, "-m", "edge.cli"]
+
+
+@pytest.fixture
+def lwapi(database_url: str):
+    env = {**os.environ, "DATABASE_URL": database_url}
+
+    def run(*args: str, stdin: str | None = None, ok: bool = True) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run([*LWAPI, *args], env=env, input=stdin, capture_output=True, text=True, timeout=60,
+                              check=False)
+        if ok:
+            assert done.returncode == 0, done.stderr
+        return done
+    return run
+
+
+def test_administration_flow(lwapi) -> None:
+    assert "database ready" in lwapi("db", "init").stdout
+    lwapi("user", "add", "lead@uni.edu", "--name", "Lead", "--password-stdin", stdin="correct horse battery\n")
+    lwapi("user", "add", "ra@uni.edu", "--name", "Research Assistant")
+    lwapi("project", "create", "genomics", "--name", "Genomics Lab", "--creator", "lead@uni.edu")
+    lwapi("credits", "grant", "genomics", "500000", "--reason", "2026 allocation")
+    lwapi("credits", "correct", "genomics", "-1500", "--reason", "billing error")
+    lwapi("member", "add", "genomics", "ra@uni.edu", "--role", "user")
+    created = lwapi("key", "create", "genomics", "--owner", "ra@uni.edu", "--name", "notebook", "--rpm", "60",
+                    "--tpm", "100000", "--cap", "20000", "--valid-until", "2027-06-30T00:00:00+08:00",
+                    "--models", "llama-3,qwen2")
+    secret = created.stdout.strip()
+    assert secret.startswith("sk-lw-") and "\n" not in secret  # the secret alone on stdout
+    keys = json.loads(lwapi("key", "list", "genomics", "--json").stdout)
+    assert len(keys) == 1 and keys[0]["status"] == "active" and keys[0]["allowed_models"] == ["llama-3", "qwen2"]
+    assert secret not in json.dumps(keys) and keys[0]["display_prefix"] == secret[:12]
+    key_id = keys[0]["key_id"]
+    lwapi("key", "edit", key_id, "--rpm", "120", "--no-cap")
+    edited = json.loads(lwapi("key", "list", "genomics", "--json").stdout)[0]
+    assert (edited["rpm_limit"], edited["cap_credits"], edited["tpm_limit"]) == (120, None, 100000)
+    lwapi("key", "revoke", key_id)
+    assert json.loads(lwapi("key", "list", "genomics", "--json").stdout)[0]["status"] == "revoked"
+    shown = json.loads(lwapi("project", "show", "genomics", "--json").stdout)
+    assert (shown["granted_credits"], shown["corrections_credits"], shown["remaining_credits"]) == (
+        500000, -1500, 498500)
+    assert [m["role"] for m in shown["members"]] == ["creator", "user"]
+    text = lwapi("project", "show", "genomics").stdout
+    assert "remaining: 498500" in text
+    lwapi("member", "role", "genomics", "ra@uni.edu", "--role", "creator")
+    roles = {m["email"]: m["role"] for m in json.loads(lwapi("project", "show", "genomics", "--json").stdout)["members"]}
+    assert roles == {"ra@uni.edu": "creator", "lead@uni.edu": "manager"}
+    status = json.loads(lwapi("projections", "status", "--json").stdout)
+    assert all(s["lag_events"] == 0 for s in status)
+    assert "rebuilt 7 read models" in lwapi("projections", "rebuild").stdout
+    assert json.loads(lwapi("db", "check", "--json").stdout)["append_only_guard"] is True
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["project", "show", "nope"], "no project with code nope"),
+        (["user", "add", "not-an-email", "--name", "X"], "not an e-mail address"),
+        (["key", "revoke", "123"], "not a key id"),
+        (["key", "revoke", "5f0c6a3e-58a4-4a53-9d36-3b8b4a3b6f77"], "no key"),
+        (["credits", "grant", "nope", "10", "--reason", "x"], "no project"),
+        (["project", "create", "Bad Code!", "--name", "x", "--creator", "a@b.org"], "no user"),
+    ],
+)
+def test_bad_input_gets_one_line_and_nonzero_exit(lwapi, args: list[str], message: str) -> None:
+    lwapi("db", "init")
+    done = lwapi(*args, ok=False)
+    assert done.returncode != 0
+    assert message in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+def test_refused_commands_write_nothing(lwapi, database_url: str) -> None:
+    lwapi("user", "add", "a@uni.edu", "--name", "A")
+    lwapi("project", "create", "p1", "--name", "P", "--creator", "a@uni.edu")
+    import psycopg  # noqa: PLC0415
+
+    with psycopg.connect(database_url) as conn:
+        before = conn.execute("SELECT count(*) FROM accounting_events").fetchone()
+    for args in (["credits", "grant", "p1", "-5", "--reason", "x"], ["credits", "grant", "p1", "0", "--reason", "x"],
+                 ["credits", "correct", "p1", "0", "--reason", "x"], ["member", "remove", "p1", "a@uni.edu"],
+                 ["project", "create", "p1", "--name", "again", "--creator", "a@uni.edu"],
+                 ["user", "add", "A@uni.edu", "--name", "dup"],
+                 ["key", "create", "p1", "--owner", "a@uni.edu", "--name", "k", "--rpm", "0"],
+                 ["key", "create", "p1", "--owner", "a@uni.edu", "--name", "k", "--valid-from", "yesterday"]):
+        done = lwapi(*args, ok=False)
+        assert done.returncode == 1, (args, done.stderr)
+        assert done.stderr.startswith("error: ")
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT count(*) FROM accounting_events").fetchone() == before
+
+
+def test_malformed_database_url_is_a_setup_error(tmp_path: Path) -> None:
+    env = {**os.environ, "DATABASE_URL": "mysql://nope"}
+    done = subprocess.run([*LWAPI, "db", "check"], env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2 and "postgresql://" in done.stderr
