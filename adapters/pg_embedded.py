@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import hashlib
 import importlib.util
 import os
 import pwd
@@ -34,6 +35,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -234,6 +236,48 @@ def check_traversable(target: Path, account: _Account, purpose: str) -> None:
             )
 
 
+STAGED_BINARIES_DIR = Path("/var/lib/lwapi-pg")
+
+
+def _reachable_by_server(bindir: Path) -> Path:
+    """`bindir`, or a copy of its installation the server account can reach.
+
+    As root the server runs as an unprivileged account, which cannot execute binaries inside a
+    checkout under a private home (e.g. /root, mode 0700); PostgreSQL installations are relocatable,
+    so the whole tree (bin, lib, share) is copied once to a world-traversable place.
+    """
+    account = server_account()
+    if account is None:
+        return bindir
+    try:
+        check_traversable(bindir / "postgres", account, "PostgreSQL binaries")
+    except EmbeddedPostgresError:
+        pass
+    else:
+        return bindir
+    install = bindir.resolve().parent
+    digest = hashlib.sha256(str(install).encode()).hexdigest()[:12]
+    target = STAGED_BINARIES_DIR / f"pginstall-{server_major_version(bindir)}-{digest}"
+    # wheels keep shared libraries beside the package (RPATH $ORIGIN/../../../pgserver.libs): keep that shape
+    wheel_libs = install.parent.parent / f"{install.parent.name}.libs"
+    layout = [(install, Path(install.parent.name) / install.name)]
+    if wheel_libs.is_dir():
+        layout.append((wheel_libs, Path(wheel_libs.name)))
+    if not (target / layout[0][1] / "bin" / "postgres").exists():
+        STAGED_BINARIES_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=STAGED_BINARIES_DIR))
+        for source, relative in layout:
+            shutil.copytree(source, staging / "tree" / relative, symlinks=True)
+        for folder in (staging, *(p for p in (staging / "tree").rglob("*") if p.is_dir())):
+            folder.chmod(0o755)
+        with contextlib.suppress(OSError):  # another process staged it first
+            (staging / "tree").rename(target)
+        shutil.rmtree(staging, ignore_errors=True)
+    target = target / layout[0][1]
+    check_traversable(target / "bin" / "postgres", account, "PostgreSQL binaries")
+    return target / "bin"
+
+
 def _chown_tree(root: Path, account: _Account) -> None:
     os.lchown(root, account.uid, account.gid)
     for parent, dirs, files in os.walk(root):
@@ -430,7 +474,7 @@ class EmbeddedPostgres:
     def bindir(self) -> Path:
         """The bin directory in use (resolved lazily, matching an existing cluster's version)."""
         if self._bindir is None:
-            self._bindir = self._resolve_bindir()
+            self._bindir = _reachable_by_server(self._resolve_bindir())
         return self._bindir
 
     # ---- checks and preparation

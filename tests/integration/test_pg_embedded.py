@@ -26,8 +26,10 @@ import pytest
 
 from adapters.pg_embedded import (
     MAX_SOCKET_PATH_BYTES,
+    STAGED_BINARIES_DIR,
     EmbeddedPostgres,
     EmbeddedPostgresError,
+    find_bindir,
     server_major_version,
 )
 
@@ -295,3 +297,26 @@ def test_cli_start_status_url_stop(short_dir: Path) -> None:
     too_long = _cli("start", "--data-dir", "/tmp/" + "x" * 120)
     assert too_long.returncode == 1
     assert "shorter --data-dir" in too_long.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root hands the server to an unprivileged account")
+def test_binaries_in_a_private_checkout_are_staged_where_the_server_can_run_them(short_dir: Path) -> None:
+    """A checkout under /root (mode 0700) holds binaries the server account cannot execute."""
+    private = Path(tempfile.mkdtemp(prefix="lwapi-private.", dir="/tmp"))
+    private.chmod(0o700)
+    try:
+        site = Path(find_bindir()).resolve().parent.parent.parent  # …/site-packages
+        if not (site / "pgserver.libs").is_dir():
+            pytest.fail("expected the pgserver wheel's layout (pgserver/pginstall/bin beside pgserver.libs)")
+        shutil.copytree(site / "pgserver", private / "pgserver", symlinks=True)
+        shutil.copytree(site / "pgserver.libs", private / "pgserver.libs", symlinks=True)
+        server = EmbeddedPostgres(short_dir, bindir=private / "pgserver" / "pginstall" / "bin")
+        info = server.ensure_running()
+        staged = server.bindir
+        assert staged.is_relative_to(STAGED_BINARIES_DIR)
+        with psycopg.connect(info.dsn()) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        server.stop()
+        shutil.rmtree(staged.parents[2])
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
