@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError, Application
@@ -21,6 +21,7 @@ from domain.access import Actor
 from domain.api_key import ApiKey, KeySettings
 from domain.claims import CLAIMS_KWARG, RequestIdClaims
 from domain.errors import (
+    DomainError,
     DuplicateRequest,
     EmailTaken,
     KeyNotFound,
@@ -37,6 +38,7 @@ from domain.user import EmailIndex, SubjectIndex, User
 from domain.validation import clean_code, clean_email
 
 APPLICATION_NAME = "Accounting"
+A = TypeVar("A")
 
 
 @dataclass(frozen=True)
@@ -101,13 +103,18 @@ class Accounting(Application[UUID]):
         except IntegrityError:
             raise error from None
 
-    def get_user(self, user_id: UUID) -> User:
+    def _load(self, aggregate_id: UUID, kind: type[A], missing: DomainError) -> A:
+        """The aggregate of that kind, or `missing`: ids can come from users, so a wrong kind is not found."""
         try:
-            user: User = self.repository.get(user_id)
+            aggregate: object = self.repository.get(aggregate_id)
         except AggregateNotFoundError:
-            raise UserNotFound(f"no user {user_id}") from None
-        invariant(isinstance(user, User), f"{user_id} is not a user")
-        return user
+            raise missing from None
+        if not isinstance(aggregate, kind):
+            raise missing
+        return aggregate
+
+    def get_user(self, user_id: UUID) -> User:
+        return self._load(user_id, User, UserNotFound(f"no user {user_id}"))
 
     def find_user_by_email(self, email: str) -> User:
         address = clean_email(email)
@@ -168,12 +175,7 @@ class Accounting(Application[UUID]):
         return project.id
 
     def get_project(self, project_id: UUID) -> Project:
-        try:
-            project: Project = self.repository.get(project_id)
-        except AggregateNotFoundError:
-            raise ProjectNotFound(f"no project {project_id}") from None
-        invariant(isinstance(project, Project), f"{project_id} is not a project")
-        return project
+        return self._load(project_id, Project, ProjectNotFound(f"no project {project_id}"))
 
     def find_project_by_code(self, code: str) -> Project:
         cleaned = clean_code(code)
@@ -253,13 +255,7 @@ class Accounting(Application[UUID]):
         return key.id, secret
 
     def get_key(self, key_id: UUID) -> ApiKey:
-        try:
-            key: ApiKey = self.repository.get(key_id)
-        except AggregateNotFoundError:
-            raise KeyNotFound(f"no key {key_id}") from None
-        if not isinstance(key, ApiKey):
-            raise KeyNotFound(f"no key {key_id}")
-        return key
+        return self._load(key_id, ApiKey, KeyNotFound(f"no key {key_id}"))
 
     def _key_for_management(self, actor: Actor, key_id: UUID) -> ApiKey:
         key = self.get_key(key_id)

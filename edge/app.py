@@ -42,6 +42,7 @@ def create_app(settings: Settings) -> Litestar:
             assert runtime.follower is not None
             stop = asyncio.Event()
             follower_task = asyncio.create_task(runtime.follower.run(stop), name="projection-follower")
+            follower_task.add_done_callback(_report_follower_exit)
             app.state.runtime = runtime
             log.info("serving on http://%s:%d", settings.host, settings.port)
             yield
@@ -67,6 +68,12 @@ def create_app(settings: Settings) -> Litestar:
         response_headers=[],
         debug=False,
     )
+
+
+def _report_follower_exit(task: asyncio.Task[None]) -> None:
+    """The follower only returns when asked to; anything else leaves read models stale: say so loudly."""
+    if not task.cancelled() and task.exception() is not None:
+        log.critical("projection follower stopped: read models are no longer updated", exc_info=task.exception())
 
 
 def announce_admin(email: str, password: str | None) -> None:

@@ -188,9 +188,8 @@ NUMBER_ARGS = {"ignore_unknown_options": True}  # so that "-500" is an amount, n
 @click.pass_context
 @handles_errors
 def credits_grant(ctx: click.Context, code: str, amount: int, reason: str) -> None:
-    with runtime(ctx) as rt:
-        rt.accounting.grant_credits(SYSTEM, rt.accounting.find_project_by_code(code).id, amount, reason)
-    click.echo(f"granted {amount} to {code}")
+    """A positive grant."""
+    _adjust_credits(ctx, code, amount, reason, correction=False)
 
 
 @credits.command("correct", context_settings=NUMBER_ARGS)
@@ -201,9 +200,15 @@ def credits_grant(ctx: click.Context, code: str, amount: int, reason: str) -> No
 @handles_errors
 def credits_correct(ctx: click.Context, code: str, amount: int, reason: str) -> None:
     """A signed correction: positive refunds, negative charges."""
+    _adjust_credits(ctx, code, amount, reason, correction=True)
+
+
+def _adjust_credits(ctx: click.Context, code: str, amount: int, reason: str, *, correction: bool) -> None:
     with runtime(ctx) as rt:
-        rt.accounting.correct_credits(SYSTEM, rt.accounting.find_project_by_code(code).id, amount, reason)
-    click.echo(f"corrected {code} by {amount}")
+        app = rt.accounting
+        adjust = app.correct_credits if correction else app.grant_credits
+        adjust(SYSTEM, app.find_project_by_code(code).id, amount, reason)
+    click.echo(f"{'corrected' if correction else 'granted'} {amount} {'on' if correction else 'to'} {code}")
 
 
 # ---- members -------------------------------------------------------------------------------
