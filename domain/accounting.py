@@ -8,7 +8,7 @@ the rules hold whether the command comes from the CLI, the portal or the gateway
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 from uuid import UUID
@@ -19,6 +19,7 @@ from eventsourcing.persistence import IntegrityError, Transcoder
 from domain import access
 from domain.access import Actor
 from domain.api_key import ApiKey, KeySettings
+from domain.catalog import Deployment, ModelExists, ModelNotFound, ServedModel
 from domain.claims import CLAIMS_KWARG, RequestIdClaims
 from domain.errors import (
     DomainError,
@@ -31,11 +32,12 @@ from domain.errors import (
     UserNotFound,
     invariant,
 )
+from domain.pricing import Prices
 from domain.project import Project, ProjectCodeIndex, Role
 from domain.transcodings import make_transcoder
 from domain.usage import UsageBatch, UsageEntry
 from domain.user import EmailIndex, SubjectIndex, User
-from domain.validation import clean_code, clean_email
+from domain.validation import clean_code, clean_email, clean_model_name
 
 APPLICATION_NAME = "Accounting"
 A = TypeVar("A")
@@ -280,6 +282,38 @@ class Accounting(Application[UUID]):
         project = self.get_project(project_id)
         access.require_member(actor, project.role_of(actor.user_id))
         return self._keys_of(project)
+
+    # ---- model catalog -----------------------------------------------------------------
+
+    def add_model(self, actor: Actor, name: str, deployment: Deployment, prices: Prices,
+                  description: str = "") -> UUID:
+        """Add a model; adding a removed model's name restores it with this deployment and prices."""
+        access.require_admin(actor)
+        model = ServedModel.add(name, deployment, prices, description)
+        try:
+            existing = self.get_model(model.name, include_removed=True)
+        except ModelNotFound:
+            self._save_unique(model, error=ModelExists(f"model {model.name} already exists"))
+            return model.id
+        existing.restore(deployment, prices)
+        if description:
+            existing.describe(description)
+        self.save(existing)
+        return existing.id
+
+    def get_model(self, name: str, *, include_removed: bool = False) -> ServedModel:
+        model = self._load(ServedModel.create_id(clean_model_name(name)), ServedModel,
+                           ModelNotFound(f"no model named {name}"))
+        if model.removed and not include_removed:
+            raise ModelNotFound(f"no model named {name}")
+        return model
+
+    def change_model(self, actor: Actor, name: str, change: Callable[[ServedModel], None]) -> None:
+        """Apply one catalog change (`lambda m: m.change_prices(p)`, `m.add_deployment(d)`, …) and save it."""
+        access.require_admin(actor)
+        model = self.get_model(name)
+        change(model)
+        self.save(model)
 
     # ---- usage -------------------------------------------------------------------------
 

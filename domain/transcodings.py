@@ -17,6 +17,9 @@ from eventsourcing.persistence import (
 )
 
 from domain.api_key import KeySettings
+from domain.catalog import BackendKind, Deployment
+from domain.errors import invariant
+from domain.pricing import Prices
 from domain.project import Role
 
 
@@ -58,13 +61,55 @@ class KeySettingsAsDict(Transcoding):
         )
 
 
+class BackendKindAsName(Transcoding):
+    type = BackendKind
+    name = "backend_kind"
+
+    def encode(self, obj: BackendKind) -> str:
+        return obj.value
+
+    def decode(self, data: str) -> BackendKind:
+        return BackendKind(data)
+
+
+class DeploymentAsDict(Transcoding):
+    type = Deployment
+    name = "deployment"
+
+    def encode(self, obj: Deployment) -> dict[str, Any]:
+        return {"name": obj.name, "backend": obj.backend, "base_url": obj.base_url,
+                "upstream_model": obj.upstream_model, "credential_ref": obj.credential_ref,
+                "weight": obj.weight, "timeout_ms": obj.timeout_ms}
+
+    def decode(self, data: dict[str, Any]) -> Deployment:
+        return Deployment(**data)
+
+
+class PricesAsDict(Transcoding):
+    type = Prices
+    name = "prices"
+
+    def encode(self, obj: Prices) -> dict[str, Any]:
+        return {"prompt_per_mtok": obj.prompt_per_mtok, "completion_per_mtok": obj.completion_per_mtok,
+                "effective_at": obj.effective_at, "cached_prompt_per_mtok": obj.cached_prompt_per_mtok}
+
+    def decode(self, data: dict[str, Any]) -> Prices:
+        effective = _as_datetime(data["effective_at"])
+        invariant(effective is not None, "stored prices without an effective time")
+        assert effective is not None  # for the type checker; the invariant above holds under -O too
+        return Prices(prompt_per_mtok=data["prompt_per_mtok"], completion_per_mtok=data["completion_per_mtok"],
+                      effective_at=effective, cached_prompt_per_mtok=data["cached_prompt_per_mtok"])
+
+
 def _as_datetime(value: object) -> datetime | None:
     if value is None or isinstance(value, datetime):
         return value
     return datetime.fromisoformat(str(value))
 
 
-DOMAIN_TRANSCODINGS: tuple[Transcoding, ...] = (RoleAsName(), KeySettingsAsDict())
+DOMAIN_TRANSCODINGS: tuple[Transcoding, ...] = (
+    RoleAsName(), KeySettingsAsDict(), BackendKindAsName(), DeploymentAsDict(), PricesAsDict(),
+)
 
 
 def make_transcoder() -> JSONTranscoder:

@@ -21,6 +21,7 @@ from domain.api_key import KeySettings, key_status
 from domain.errors import InvalidValue
 from domain.project import Role
 from edge import queries
+from edge.cli_catalog import model
 from edge.cli_support import (
     EXIT_SETUP,
     emit,
@@ -407,6 +408,9 @@ def serve(ctx: click.Context, port: int | None, host: str | None, data_dir: Path
         raise InvalidValue("--port must be between 1 and 65535")
     from edge.server import run  # noqa: PLC0415 - the web stack loads only for this command
     run(ctx.obj.with_overrides(port=port, host=host, data_dir=data_dir))
+
+
+main.add_command(model)
 
 
 if __name__ == "__main__":

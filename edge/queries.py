@@ -108,3 +108,23 @@ async def health(pool: asyncpg.Pool) -> dict[str, Any]:
     return {"database": "ok", "server_version": await pool.fetchval("SHOW server_version"),
             "append_only_guard": guard == 4, "events": status[0]["head"] if status else 0,
             "max_projection_lag_events": max((s["lag_events"] for s in status), default=0)}
+
+
+async def models(pool: asyncpg.Pool, include_removed: bool = False) -> list[dict[str, Any]]:
+    """The catalog with each model's prices in force now (credentials appear only as references)."""
+    import json  # noqa: PLC0415
+    from datetime import UTC, datetime  # noqa: PLC0415
+
+    rows = await pool.fetch(
+        f"SELECT name, description, deployments::text, price_schedule::text, removed, created_at "
+        f"FROM {SCHEMA}.models WHERE removed = false OR $1 ORDER BY name LIMIT {ROWS_MAX}", include_removed)
+    now = datetime.now(UTC)
+    result = []
+    for r in rows:
+        schedule = json.loads(r["price_schedule"])
+        in_force = [p for p in schedule if datetime.fromisoformat(p["effective_at"]) <= now]
+        current = max(in_force, key=lambda p: datetime.fromisoformat(p["effective_at"])) if in_force else None
+        result.append({"name": r["name"], "description": r["description"], "removed": r["removed"],
+                       "deployments": json.loads(r["deployments"]), "created_at": r["created_at"],
+                       "prices": current, "price_schedule": schedule})
+    return result

@@ -10,6 +10,7 @@ from projections.balances import BalancesProjection
 from projections.base import Projection
 from projections.key_usage import KeyUsageProjection
 from projections.memberships import MembershipsProjection
+from projections.models import ModelsProjection
 from projections.projects import ProjectsProjection
 from projections.usage_rollups import UsageRollupsProjection
 from projections.users import UsersProjection
@@ -18,5 +19,5 @@ from projections.users import UsersProjection
 def all_projections() -> list[Projection]:
     return [
         UsersProjection(), ProjectsProjection(), MembershipsProjection(), ApiKeysProjection(),
-        BalancesProjection(), KeyUsageProjection(), UsageRollupsProjection(),
+        BalancesProjection(), KeyUsageProjection(), UsageRollupsProjection(), ModelsProjection(),
     ]

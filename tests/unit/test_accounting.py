@@ -247,3 +247,59 @@ def test_non_admin_actor_flag_comes_from_the_user(app: Accounting, world) -> Non
     assert app.actor_for(world["user"]) == Actor(world["user"], is_admin=False)
     app.set_admin(SYSTEM, world["user"], is_admin=True)
     assert app.actor_for(world["user"]).is_admin
+
+
+def test_model_catalog_prices_and_deployments(app: Accounting) -> None:
+    from domain.catalog import BackendKind, Deployment, DeploymentConflict, ModelExists, ModelNotFound
+    from domain.pricing import Prices
+
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    gpu1 = Deployment("gpu1", BackendKind.VLLM, "http://10.0.0.5:8000/v1/", "meta/llama-3-8b")
+    app.add_model(SYSTEM, "llama-3", gpu1, Prices(100, 300, t0), "Llama 3 8B")
+    with pytest.raises(ModelExists):
+        app.add_model(SYSTEM, "llama-3", gpu1, Prices(1, 1, t0))
+    with pytest.raises(PermissionDenied):
+        app.add_model(Actor(uuid4(), is_admin=False), "other", gpu1, Prices(1, 1, t0))
+    app.change_model(SYSTEM, "llama-3", lambda m: m.change_prices(Prices(200, 600, t0 + timedelta(days=30))))
+    app.change_model(SYSTEM, "llama-3", lambda m: m.add_deployment(
+        Deployment("gpu2", BackendKind.OLLAMA, "http://10.0.0.6:11434", "llama3", weight=2)))
+    with pytest.raises(DeploymentConflict):
+        app.change_model(SYSTEM, "llama-3", lambda m: m.add_deployment(gpu1))
+    model = app.get_model("llama-3")
+    assert model.deployments[0].base_url == "http://10.0.0.5:8000/v1"
+    assert model.price_at(t0 - timedelta(seconds=1)) is None
+    assert model.price_at(t0 + timedelta(days=29)).prompt_per_mtok == 100
+    assert model.price_at(t0 + timedelta(days=30)).prompt_per_mtok == 200
+    app.change_model(SYSTEM, "llama-3", lambda m: m.remove())
+    with pytest.raises(ModelNotFound):
+        app.get_model("llama-3")
+    app.add_model(SYSTEM, "llama-3", gpu1, Prices(50, 50, t0 + timedelta(days=60)))
+    restored = app.get_model("llama-3")
+    assert [d.name for d in restored.deployments] == ["gpu1"] and len(restored.price_schedule) == 3
+
+
+@pytest.mark.parametrize(
+    ("prompt", "cached", "completion", "expected"),
+    [(0, 0, 0, 0), (1, 0, 0, 1), (1_000_000, 0, 0, 100), (1_000_000, 1_000_000, 0, 25),
+     (333_333, 0, 1, 34), (10, 0, 10, 1)],
+)
+def test_cost_is_integer_and_rounded_up(prompt: int, cached: int, completion: int, expected: int) -> None:
+    from domain.pricing import Prices
+
+    prices = Prices(prompt_per_mtok=100, completion_per_mtok=300, effective_at=NOW, cached_prompt_per_mtok=25)
+    assert prices.cost_credits(prompt, cached, completion) == expected
+
+
+@pytest.mark.parametrize(
+    "deployment",
+    [("GPU 1", "http://h:1", "m", None), ("g", "ftp://h", "m", None), ("g", "http://u:p@h", "m", None),
+     ("g", "http://h", "m", "sk-plaintext-secret"), ("g", "http://h?x=1", "m", None), ("g", "http://h", "", None)],
+)
+def test_bad_deployments_are_refused(app: Accounting, deployment) -> None:
+    from domain.catalog import BackendKind, Deployment
+    from domain.pricing import Prices
+
+    name, url, upstream, credential = deployment
+    with pytest.raises(InvalidValue):
+        app.add_model(SYSTEM, "m", Deployment(name, BackendKind.OPENAI, url, upstream, credential),
+                      Prices(1, 1, NOW))
