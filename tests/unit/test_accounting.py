@@ -10,6 +10,7 @@ import pytest
 from domain.access import SYSTEM, Actor
 from domain.accounting import Accounting
 from domain.api_key import KeySettings, KeyStatus, hash_secret, looks_like_secret
+from domain.catalog import BackendKind, Deployment, DeploymentConflict, ModelExists, ModelNotFound
 from domain.errors import (
     AlreadyAMember,
     DuplicateRequest,
@@ -25,6 +26,7 @@ from domain.errors import (
     ProjectCodeTaken,
     UserNotFound,
 )
+from domain.pricing import Prices
 from domain.project import Role
 from domain.usage import ENTRIES_PER_BATCH_MAX, UsageEntry
 from tests.unit.conftest import PEPPER
@@ -250,9 +252,6 @@ def test_non_admin_actor_flag_comes_from_the_user(app: Accounting, world) -> Non
 
 
 def test_model_catalog_prices_and_deployments(app: Accounting) -> None:
-    from domain.catalog import BackendKind, Deployment, DeploymentConflict, ModelExists, ModelNotFound
-    from domain.pricing import Prices
-
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
     gpu1 = Deployment("gpu1", BackendKind.VLLM, "http://10.0.0.5:8000/v1/", "meta/llama-3-8b")
     app.add_model(SYSTEM, "llama-3", gpu1, Prices(100, 300, t0), "Llama 3 8B")
@@ -284,8 +283,6 @@ def test_model_catalog_prices_and_deployments(app: Accounting) -> None:
      (333_333, 0, 1, 34), (10, 0, 10, 1)],
 )
 def test_cost_is_integer_and_rounded_up(prompt: int, cached: int, completion: int, expected: int) -> None:
-    from domain.pricing import Prices
-
     prices = Prices(prompt_per_mtok=100, completion_per_mtok=300, effective_at=NOW, cached_prompt_per_mtok=25)
     assert prices.cost_credits(prompt, cached, completion) == expected
 
@@ -296,9 +293,6 @@ def test_cost_is_integer_and_rounded_up(prompt: int, cached: int, completion: in
      ("g", "http://h", "m", "sk-plaintext-secret"), ("g", "http://h?x=1", "m", None), ("g", "http://h", "", None)],
 )
 def test_bad_deployments_are_refused(app: Accounting, deployment) -> None:
-    from domain.catalog import BackendKind, Deployment
-    from domain.pricing import Prices
-
     name, url, upstream, credential = deployment
     with pytest.raises(InvalidValue):
         app.add_model(SYSTEM, "m", Deployment(name, BackendKind.OPENAI, url, upstream, credential),
