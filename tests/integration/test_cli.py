@@ -59,7 +59,7 @@ def test_administration_flow(lwapi) -> None:
     assert roles == {"ra@uni.edu": "creator", "lead@uni.edu": "manager"}
     status = json.loads(lwapi("projections", "status", "--json").stdout)
     assert all(s["lag_events"] == 0 for s in status)
-    assert "rebuilt 7 read models" in lwapi("projections", "rebuild").stdout
+    assert "rebuilt 8 read models" in lwapi("projections", "rebuild").stdout
     assert json.loads(lwapi("db", "check", "--json").stdout)["append_only_guard"] is True
 
 
