@@ -14,14 +14,15 @@ import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from litestar import Litestar, Response, get
+from litestar import Litestar, Response, asgi, get
 from litestar.config.csrf import CSRFConfig
 from litestar.contrib.jinja import JinjaTemplateEngine
 from litestar.middleware.session.server_side import ServerSideSessionConfig
 from litestar.stores.memory import MemoryStore
 from litestar.template.config import TemplateConfig
+from litestar.types import Receive, Scope, Send
 
-from edge.gateway.routes import gateway_router
+from edge.gateway.service import running_gateway
 from edge.portal.routes import portal_routes
 from edge.runtime import Runtime, ensure_first_admin
 from edge.settings import Settings
@@ -44,8 +45,10 @@ def create_app(settings: Settings) -> Litestar:
             follower_task = asyncio.create_task(runtime.follower.run(stop), name="projection-follower")
             follower_task.add_done_callback(_report_follower_exit)
             app.state.runtime = runtime
-            log.info("serving on http://%s:%d", settings.host, settings.port)
-            yield
+            async with running_gateway(runtime) as gateway:
+                app.state.gateway = gateway
+                log.info("serving on http://%s:%d", settings.host, settings.port)
+                yield
             stop.set()
             await asyncio.wait_for(follower_task, FOLLOWER_STOP_TIMEOUT_S)
         finally:
@@ -56,8 +59,12 @@ def create_app(settings: Settings) -> Litestar:
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    @asgi("/v1", is_mount=True, copy_scope=False)
+    async def v1(scope: Scope, receive: Receive, send: Send) -> None:
+        await scope["app"].state.gateway(scope, receive, send)
+
     return Litestar(
-        route_handlers=[healthz, gateway_router, *portal_routes],
+        route_handlers=[healthz, v1, *portal_routes],
         lifespan=[lifespan],
         template_config=TemplateConfig(directory=TEMPLATES, engine=JinjaTemplateEngine),
         middleware=[ServerSideSessionConfig(max_age=8 * 3600, httponly=True, samesite="lax").middleware],

@@ -1,0 +1,1 @@
+"""Backends: how the gateway speaks to each kind of upstream."""

@@ -1,0 +1,75 @@
+"""OpenAI-compatible upstreams (vLLM's server, OpenAI, other gateways, llama.cpp's server).
+
+Imports: stdlib, httpx, msgspec. Builds the upstream request (the upstream's model name, usage
+always requested in streams, the upstream credential) and maps transport failures to OpenAI-shaped
+errors. One pooled `httpx.AsyncClient` per process serves every deployment.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import msgspec
+
+CONNECT_TIMEOUT_S = 5.0
+WRITE_TIMEOUT_S = 30.0
+POOL_TIMEOUT_S = 10.0
+CONNECTIONS_MAX = 1_000
+KEEPALIVE_MAX = 200
+
+_encoder = msgspec.json.Encoder()
+
+ENDPOINT_PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
+
+
+def make_client() -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        limits=httpx.Limits(max_connections=CONNECTIONS_MAX, max_keepalive_connections=KEEPALIVE_MAX),
+        timeout=httpx.Timeout(connect=CONNECT_TIMEOUT_S, read=600.0, write=WRITE_TIMEOUT_S, pool=POOL_TIMEOUT_S),
+        follow_redirects=False, trust_env=False,
+    )
+
+
+def upstream_url(base_url: str, endpoint: str) -> str:
+    """`base_url` names the API root (…/v1 for vLLM and OpenAI)."""
+    return base_url + ENDPOINT_PATHS[endpoint]
+
+
+def upstream_body(payload: dict[str, Any], upstream_model: str, *, stream: bool) -> bytes:
+    body = dict(payload)
+    body["model"] = upstream_model
+    if stream:
+        options = body.get("stream_options")
+        body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+    return _encoder.encode(body)
+
+
+def build_request(client: httpx.AsyncClient, *, base_url: str, endpoint: str, body: bytes, credential: str | None,
+                  timeout_s: float, request_id: str) -> httpx.Request:
+    headers = {"content-type": "application/json", "accept": "application/json", "x-request-id": request_id}
+    if credential:
+        headers["authorization"] = f"Bearer {credential}"
+    timeout = httpx.Timeout(connect=CONNECT_TIMEOUT_S, read=timeout_s, write=WRITE_TIMEOUT_S, pool=POOL_TIMEOUT_S)
+    return client.build_request("POST", upstream_url(base_url, endpoint), content=body, headers=headers,
+                                timeout=timeout)
+
+
+def error_message(status: int, body: bytes) -> str:
+    """The upstream's own message for a refusal (OpenAI's shape or plain text), bounded."""
+    try:
+        decoded = msgspec.json.decode(body[:65_536])
+    except msgspec.DecodeError:
+        text = body[:500].decode("utf-8", "replace").strip()
+        return text or f"upstream answered {status}"
+    if isinstance(decoded, dict):
+        error = decoded.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return str(error["message"])[:2000]
+        if isinstance(error, str):
+            return error[:2000]
+        if isinstance(decoded.get("detail"), str):
+            return str(decoded["detail"])[:2000]
+        if isinstance(decoded.get("message"), str):
+            return str(decoded["message"])[:2000]
+    return f"upstream answered {status}"

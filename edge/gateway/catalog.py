@@ -1,0 +1,119 @@
+"""The gateway's in-memory model catalog, reloaded within a second of any change.
+
+Imports: stdlib, asyncpg, domain, projections. Deployments are chosen by least in-flight requests,
+weights breaking ties (a deployment of weight w counts its in-flight requests divided by w).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from domain.catalog import BackendKind
+from domain.pricing import Prices, price_at
+from projections.base import SCHEMA
+from projections.models import CHANGE_CHANNEL
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL_S = 1.0
+CREDENTIAL_BYTES_MAX = 16_384
+
+
+@dataclass
+class Route:
+    """A deployment as the gateway uses it; `in_flight` is this process's count."""
+
+    name: str
+    backend: BackendKind
+    base_url: str
+    upstream_model: str
+    credential_ref: str | None
+    weight: int
+    timeout_s: float
+    in_flight: int = 0
+
+    def credential(self) -> str | None:
+        """Read at use: a rotated secret takes effect without a restart; never logged."""
+        ref = self.credential_ref
+        if ref is None:
+            return None
+        if ref.startswith("env:"):
+            return os.environ.get(ref[4:]) or None
+        with contextlib.suppress(OSError):
+            return Path(ref[5:]).read_text()[:CREDENTIAL_BYTES_MAX].strip() or None
+        return None
+
+
+@dataclass
+class CatalogModel:
+    name: str
+    description: str
+    created_at: datetime
+    routes: list[Route]
+    prices: list[Prices] = field(default_factory=list)
+
+    def price_at(self, moment: datetime) -> Prices | None:
+        return price_at(self.prices, moment)
+
+    def ranked_routes(self) -> list[Route]:
+        return sorted(self.routes, key=lambda r: (r.in_flight / r.weight, -r.weight))
+
+
+def _model(row: asyncpg.Record, old: CatalogModel | None) -> CatalogModel:
+    in_flight = {r.name: r.in_flight for r in old.routes} if old else {}
+    routes = [Route(d["name"], BackendKind(d["backend"]), d["base_url"], d["upstream_model"], d["credential_ref"],
+                    d["weight"], d["timeout_ms"] / 1000, in_flight.get(d["name"], 0))
+              for d in json.loads(row["deployments"])]
+    prices = [Prices(p["prompt_per_mtok"], p["completion_per_mtok"], datetime.fromisoformat(p["effective_at"]),
+                     p["cached_prompt_per_mtok"]) for p in json.loads(row["price_schedule"])]
+    return CatalogModel(row["name"], row["description"], row["created_at"], routes, prices)
+
+
+class Catalog:
+    def __init__(self, pool: asyncpg.Pool, *, poll_interval_s: float = POLL_INTERVAL_S) -> None:
+        self.pool = pool
+        self.poll_interval_s = poll_interval_s
+        self.models: dict[str, CatalogModel] = {}
+        self._stale = asyncio.Event()
+
+    def get(self, name: str) -> CatalogModel | None:
+        return self.models.get(name)
+
+    async def load(self) -> None:
+        rows = await self.pool.fetch(f"SELECT name, description, created_at, deployments::text, "
+                                     f"price_schedule::text FROM {SCHEMA}.models WHERE NOT removed")
+        self.models = {r["name"]: _model(r, self.models.get(r["name"])) for r in rows}
+
+    async def follow(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            conn: Any = None
+            try:
+                conn = await self.pool.acquire()
+                await conn.add_listener(CHANGE_CHANNEL, self._on_change)
+                await self.load()
+                while not stop.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stale.wait(), self.poll_interval_s)
+                    self._stale.clear()
+                    await self.load()
+            except (TimeoutError, asyncpg.PostgresError, OSError):
+                log.exception("catalog: reload failed; serving the last catalog")
+                await asyncio.sleep(self.poll_interval_s)
+            finally:
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await conn.remove_listener(CHANGE_CHANNEL, self._on_change)
+                    await self.pool.release(conn)
+
+    def _on_change(self, *_: object) -> None:
+        self._stale.set()

@@ -1,0 +1,298 @@
+"""The `/v1` request path: parse, authenticate, admit, forward, relay, meter — in that order.
+
+Imports: stdlib, httpx, msgspec, adapters, domain, edge.gateway. A raw ASGI app (mounted in the
+Litestar service) so that nothing between the socket and the upstream costs more than it must.
+Every admitted request ends in `_finish`, exactly once, whatever happened: its usage entry goes to
+the spool and its reservation is settled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import msgspec
+
+from adapters.backends import openai_compat
+from adapters.spool import Spool
+from domain.api_key import KeyStatus, hash_secret, looks_like_secret
+from domain.catalog import BackendKind
+from domain.usage import UsageEntry
+from edge.gateway import errors
+from edge.gateway.admission import Admission, Ticket
+from edge.gateway.catalog import Catalog, CatalogModel, Route
+from edge.gateway.errors import GatewayError
+from edge.gateway.key_index import KeyIndex, KeyRecord
+from edge.gateway.relay import relay_stream, usage_numbers
+from edge.gateway.sse import rename_model
+from edge.gateway.validation import check_payload
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+BODY_BYTES_MAX = 16 * 1024 * 1024
+RESPONSE_BYTES_MAX = 64 * 1024 * 1024
+DEFAULT_COMPLETION_TOKENS = 4096  # reserved when a request sets no max_tokens (documented bound)
+BYTES_PER_TOKEN_ESTIMATE = 4
+ATTEMPTS_MAX = 3
+ENDPOINTS = {"/chat/completions": "chat", "/completions": "completions", "/embeddings": "embeddings"}
+_decoder = msgspec.json.Decoder()
+_NO_KEY = "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."  # noqa: E501
+_BAD_KEY = "Incorrect API key provided. You can find your API keys in the portal."
+_KEY_STATUS_MESSAGES = {
+    KeyStatus.REVOKED: ("This API key has been revoked.", "key_revoked"),
+    KeyStatus.EXPIRED: ("This API key has expired.", "key_expired"),
+    KeyStatus.NOT_YET_VALID: ("This API key is not valid yet.", "key_not_yet_valid"),
+}
+
+
+@dataclass
+class Call:
+    """One admitted inference request on its way through."""
+
+    request_id: str
+    endpoint: str
+    payload: dict[str, Any]
+    model: CatalogModel
+    ticket: Ticket
+    started: datetime
+    prompt_estimate: int
+    route: Route | None = None
+
+
+class Gateway:
+    def __init__(self, *, index: KeyIndex, catalog: Catalog, admission: Admission, spool: Spool,
+                 client: httpx.AsyncClient, pepper: bytes) -> None:
+        self.index, self.catalog, self.admission, self.spool = index, catalog, admission, spool
+        self.client, self.pepper = client, pepper
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        request_id = "req_" + uuid.uuid4().hex
+        path = scope["path"].removeprefix("/v1").rstrip("/") or "/"
+        try:
+            await self._dispatch(scope, receive, send, request_id, path)
+        except GatewayError as e:
+            await respond(send, e.status, e.body(), request_id, e.headers)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send, request_id: str, path: str) -> None:
+        method = scope["method"]
+        if method == "GET" and path == "/models":
+            await self._list_models(scope, send, request_id)
+        elif method == "GET" and path.startswith("/models/"):
+            await self._get_model(scope, send, request_id, path[len("/models/"):])
+        elif path in ENDPOINTS and method == "POST":
+            await self._inference(scope, receive, send, request_id, ENDPOINTS[path])
+        elif path in ENDPOINTS:
+            raise GatewayError(405, f"Use POST for /v1{path}.", code="method_not_allowed")
+        else:
+            raise GatewayError(404, f"Unknown request URL: {method} /v1{path}.", code="unknown_url")
+
+    # ---- keys and models
+
+    def authenticate(self, scope: Scope) -> KeyRecord:
+        header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        if not header[:7].lower() == b"bearer ":
+            raise errors.unauthorized(_NO_KEY, code=None)
+        secret = header[7:].strip().decode("latin-1")
+        key = self.index.find(hash_secret(secret, self.pepper)) if looks_like_secret(secret) else None
+        if key is None:
+            raise errors.unauthorized(_BAD_KEY)
+        status = key.status(datetime.now(UTC))
+        if status in _KEY_STATUS_MESSAGES:
+            raise errors.unauthorized(*_KEY_STATUS_MESSAGES[status])
+        if key.project_id in self.index.archived_projects:
+            raise errors.unauthorized("The project of this API key is archived.", "project_archived")
+        return key
+
+    def _visible(self, key: KeyRecord) -> list[CatalogModel]:
+        return [m for name, m in sorted(self.catalog.models.items()) if key.allows(name)]
+
+    async def _list_models(self, scope: Scope, send: Send, request_id: str) -> None:
+        key = self.authenticate(scope)
+        data = [_model_object(m) for m in self._visible(key)]
+        await respond(send, 200, msgspec.json.encode({"object": "list", "data": data}), request_id)
+
+    async def _get_model(self, scope: Scope, send: Send, request_id: str, name: str) -> None:
+        key = self.authenticate(scope)
+        model = self.catalog.get(name)
+        if model is None or not key.allows(name):
+            raise errors.model_not_found(name)
+        await respond(send, 200, msgspec.json.encode(_model_object(model)), request_id)
+
+    # ---- inference
+
+    async def _inference(self, scope: Scope, receive: Receive, send: Send, request_id: str, endpoint: str) -> None:
+        body = await read_body(scope, receive)
+        key = self.authenticate(scope)
+        payload = parse_payload(body, endpoint)
+        model = self.catalog.get(payload["model"])
+        if model is None:
+            raise errors.model_not_found(payload["model"])
+        if not key.allows(model.name):
+            raise GatewayError(403, f"This API key is not allowed to use the model `{model.name}`.",
+                               "invalid_request_error", "model_not_allowed", "model")
+        started = datetime.now(UTC)
+        prices = model.price_at(started)
+        if prices is None:
+            raise GatewayError(503, f"The model `{model.name}` has no price in force yet.", "server_error",
+                               "model_not_priced")
+        prompt_estimate = max(1, len(body) // BYTES_PER_TOKEN_ESTIMATE)
+        completion_max = completion_limit(payload, endpoint)
+        ticket = self.admission.admit(key, request_id, prompt_estimate + completion_max, prices, prompt_estimate,
+                                      completion_max)
+        call = Call(request_id, endpoint, payload, model, ticket, started, prompt_estimate)
+        usage: dict[str, Any] | None = None
+        generated = 0
+        try:
+            response = await self._open_upstream(call)
+            if payload.get("stream") is True:
+                usage, generated = await relay_stream(call, response, receive, send, ticket.headers)
+            else:
+                usage, generated = await self._relay_whole(call, response, send)
+        finally:
+            self._finish(call, usage, generated)
+
+    async def _open_upstream(self, call: Call) -> httpx.Response:
+        """Send to the least busy deployment; on failure before any byte, try the next one."""
+        failure: GatewayError = errors.upstream_unavailable()
+        stream = call.payload.get("stream") is True
+        for route in call.model.ranked_routes()[:ATTEMPTS_MAX]:
+            if route.backend is BackendKind.OLLAMA:
+                failure = errors.upstream_unavailable("This model's Ollama deployment cannot be reached yet.")
+                continue
+            request = openai_compat.build_request(
+                self.client, base_url=route.base_url, endpoint=call.endpoint,
+                body=openai_compat.upstream_body(call.payload, route.upstream_model, stream=stream),
+                credential=route.credential(), timeout_s=route.timeout_s, request_id=call.request_id)
+            route.in_flight += 1
+            try:
+                response = await self.client.send(request, stream=True)
+            except httpx.TimeoutException:
+                route.in_flight -= 1
+                failure = errors.upstream_timeout()
+                continue
+            except httpx.TransportError:
+                route.in_flight -= 1
+                failure = errors.upstream_unavailable()
+                continue
+            if response.status_code < 400:
+                call.route = route
+                return response
+            detail = openai_compat.error_message(response.status_code, await _bounded(response, 65_536))
+            await response.aclose()
+            route.in_flight -= 1
+            if response.status_code < 500:
+                raise GatewayError(response.status_code, detail, "invalid_request_error", None)
+            failure = errors.upstream_failed(502, f"The model's backend failed: {detail}")
+        raise failure
+
+    async def _relay_whole(self, call: Call, response: httpx.Response, send: Send) -> tuple[dict[str, Any] | None, int]:
+        try:
+            data = await _bounded(response, RESPONSE_BYTES_MAX)
+        except httpx.TimeoutException:
+            raise errors.upstream_timeout() from None
+        except httpx.TransportError:
+            raise errors.upstream_failed() from None
+        finally:
+            await response.aclose()
+        try:
+            decoded = _decoder.decode(data)
+        except msgspec.DecodeError:
+            raise errors.upstream_failed(502, "The model's backend sent a malformed response.") from None
+        usage = decoded.get("usage") if isinstance(decoded, dict) else None
+        assert call.route is not None
+        body = rename_model(data, call.route.upstream_model, call.model.name)
+        await respond(send, 200, body, call.request_id, call.ticket.headers)
+        return (usage if isinstance(usage, dict) else None), max(1, len(data) // (2 * BYTES_PER_TOKEN_ESTIMATE))
+
+    def _finish(self, call: Call, usage: dict[str, Any] | None, generated: int) -> None:
+        """Meter once: the usage entry to the spool, the reservation settled (also after failures)."""
+        if call.route is not None:
+            call.route.in_flight -= 1
+        if usage is None and generated == 0:
+            self.admission.settle(call.ticket, 0, 0)  # nothing reached the client: nothing to charge
+            return
+        prompt, cached, completion, estimated = usage_numbers(usage, call.prompt_estimate, generated)
+        prices = call.model.price_at(call.started)
+        assert prices is not None
+        cost = prices.cost_credits(prompt, cached, completion)
+        now_ms = int(time.time() * 1000)
+        entry = UsageEntry(call.request_id, call.ticket.key.project_id, call.ticket.key.key_id, call.model.name,
+                           call.route.name if call.route else "", prompt, cached, completion, cost,
+                           min(int(call.started.timestamp() * 1000), now_ms), now_ms, estimated)
+        try:
+            self.spool.append(entry)
+        finally:
+            self.admission.settle(call.ticket, prompt + completion, cost)
+
+
+def _model_object(model: CatalogModel) -> dict[str, Any]:
+    return {"id": model.name, "object": "model", "created": int(model.created_at.timestamp()),
+            "owned_by": "lightweight-api"}
+
+
+async def _bounded(response: httpx.Response, limit: int) -> bytes:
+    chunks, size = [], 0
+    async for chunk in response.aiter_raw():
+        size += len(chunk)
+        if size > limit:
+            raise errors.upstream_failed(502, "The model's backend sent a response too large to relay.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_body(scope: Scope, receive: Receive) -> bytes:
+    declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+    if declared is not None and declared.isdigit() and int(declared) > BODY_BYTES_MAX:
+        raise GatewayError(413, f"Request body too large: the limit is {BODY_BYTES_MAX} bytes.",
+                           code="request_too_large")
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise GatewayError(400, "The client disconnected.", code="client_disconnected")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > BODY_BYTES_MAX:
+            raise GatewayError(413, f"Request body too large: the limit is {BODY_BYTES_MAX} bytes.",
+                               code="request_too_large")
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+def parse_payload(body: bytes, endpoint: str) -> dict[str, Any]:
+    try:
+        payload = _decoder.decode(body)
+    except msgspec.DecodeError:
+        raise errors.bad_request("We could not parse the JSON body of your request. (HINT: This likely means "
+                                 "you aren't using your HTTP library correctly.)") from None
+    return check_payload(payload, endpoint)
+
+
+def completion_limit(payload: dict[str, Any], endpoint: str) -> int:
+    if endpoint == "embeddings":
+        return 0
+    limit = payload.get("max_completion_tokens") or payload.get("max_tokens") or DEFAULT_COMPLETION_TOKENS
+    n = payload.get("n") or 1
+    return int(limit) * int(n)
+
+
+async def respond(send: Send, status: int, body: bytes, request_id: str,
+                  headers: dict[str, str] | None = None) -> None:
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+           (b"x-request-id", request_id.encode())]
+    raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    with contextlib.suppress(OSError):
+        await send({"type": "http.response.body", "body": body})
+

@@ -1,0 +1,95 @@
+"""Relaying an upstream stream to the client as it arrives, and reading usage from what passed.
+
+Imports: stdlib, httpx, edge.gateway. The upstream is always asked for usage; its final usage-only
+chunk reaches the client only if the client asked (`stream_options.include_usage`). A client that
+goes away cancels the upstream request at once; an upstream that breaks, stalls past its timeout or
+ends without `[DONE]` gives the client a final error event. Either way the caller meters what was
+generated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from edge.gateway import errors
+from edge.gateway.sse import StreamState, StreamTooLarge, inspect, rename_model, split_events
+
+if TYPE_CHECKING:
+    from edge.gateway.proxy import Call, Receive, Send
+
+COUNT_MAX = 10**9
+
+
+async def relay_stream(call: Call, response: httpx.Response, receive: Receive, send: Send,
+                       headers: dict[str, str]) -> tuple[dict[str, Any] | None, int]:
+    """Relay until the upstream ends or the client leaves; returns (usage reported, content events)."""
+    state = StreamState()
+    raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+                   (b"x-request-id", call.request_id.encode())]
+    raw_headers += [(k.encode(), v.encode()) for k, v in headers.items()]
+    await send({"type": "http.response.start", "status": 200, "headers": raw_headers})
+    relay = asyncio.ensure_future(_pump(call, response, send, state))
+    gone = asyncio.ensure_future(_client_gone(receive))
+    try:
+        await asyncio.wait({relay, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (relay, gone):
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await relay
+        await response.aclose()
+    if relay.done() and not relay.cancelled() and relay.exception() is not None:
+        raise relay.exception()  # type: ignore[misc]
+    return state.usage, state.content_events
+
+
+async def _pump(call: Call, response: httpx.Response, send: Send, state: StreamState) -> None:
+    assert call.route is not None
+    wants_usage = _wants_usage(call.payload)
+    upstream, model = call.route.upstream_model, call.model.name
+    failure: errors.GatewayError | None = None
+    try:
+        async for chunk in response.aiter_raw():
+            out = []
+            for event in split_events(state, chunk):
+                if inspect(state, event) and not wants_usage:
+                    continue
+                out.append(rename_model(event, upstream, model) + b"\n\n")
+            if out:
+                await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
+            if state.done:
+                break
+    except httpx.TimeoutException:
+        failure = errors.upstream_timeout()
+    except (httpx.TransportError, StreamTooLarge):
+        failure = errors.upstream_failed(502, "The model's backend stream broke off.")
+    if failure is None and not state.done:
+        failure = errors.upstream_failed(502, "The model's backend ended the stream without finishing it.")
+    tail = failure.sse_event() if failure is not None else b""
+    await send({"type": "http.response.body", "body": tail, "more_body": False})
+
+
+async def _client_gone(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _wants_usage(payload: dict[str, Any]) -> bool:
+    options = payload.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def usage_numbers(usage: dict[str, Any] | None, prompt_estimate: int, generated: int) -> tuple[int, int, int, bool]:
+    """(prompt, cached prompt, completion, estimated) from a usage report, or estimates without one."""
+    if isinstance(usage, dict):
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens", 0)
+        details = usage.get("prompt_tokens_details")
+        cached = details.get("cached_tokens", 0) if isinstance(details, dict) else 0
+        if all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= COUNT_MAX
+               for v in (prompt, completion, cached)) and cached <= prompt:  # type: ignore[operator]
+            return int(prompt), int(cached or 0), int(completion or 0), False  # type: ignore[arg-type]
+    return prompt_estimate, 0, generated, True

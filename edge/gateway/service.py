@@ -1,0 +1,61 @@
+"""Builds the gateway on a runtime and runs its background work (catalog, key index, spool).
+
+Imports: everything inward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from adapters.backends.openai_compat import make_client
+from adapters.spool import FlushedBatch, Spool
+from domain.quota import QuotaBook
+from edge.gateway.admission import Admission
+from edge.gateway.catalog import Catalog
+from edge.gateway.key_index import KeyIndex
+from edge.gateway.proxy import Gateway
+from edge.runtime import Runtime
+
+log = logging.getLogger(__name__)
+SPOOL_FOLDER = "spool"
+STOP_TIMEOUT_S = 30.0
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(runtime: Runtime) -> AsyncIterator[Gateway]:
+    """A gateway with its index and catalog loaded; on exit the spool is flushed to the event store."""
+    assert runtime.pool is not None
+    quota = QuotaBook()
+    index = KeyIndex(runtime.pool, quota)
+    catalog = Catalog(runtime.pool)
+    await index.load()
+    await catalog.load()
+
+    def recorded(batch: FlushedBatch) -> None:
+        quota.recorded(batch.request_ids, batch.position)
+
+    spool = Spool(runtime.settings.data_dir / SPOOL_FOLDER, runtime.accounting, on_recorded=recorded)
+    client = make_client()
+    gateway = Gateway(index=index, catalog=catalog, admission=Admission(quota), spool=spool, client=client,
+                      pepper=runtime.accounting.key_pepper)
+    stop, spool_stop = asyncio.Event(), asyncio.Event()
+    tasks = [asyncio.create_task(index.follow(stop), name="key-index"),
+             asyncio.create_task(catalog.follow(stop), name="catalog"),
+             asyncio.create_task(spool.run(spool_stop), name="usage-spool")]
+    try:
+        yield gateway
+    finally:
+        spool_stop.set()  # last: every finished request's usage goes to the log before we stop
+        stop.set()
+        done, pending = await asyncio.wait(tasks, timeout=STOP_TIMEOUT_S)
+        for task in pending:
+            log.error("gateway: %s did not stop in time", task.get_name())
+            task.cancel()
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                log.error("gateway: %s failed", task.get_name(), exc_info=task.exception())
+        spool.close()
+        await client.aclose()

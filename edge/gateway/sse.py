@@ -1,0 +1,86 @@
+"""Reading an upstream's Server-Sent Events stream: split events, find usage, rename the model.
+
+Imports: stdlib, msgspec. Only events that may carry usage are parsed; every other event passes
+through as bytes (the relay must not cost a JSON round-trip per token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+EVENT_BYTES_MAX = 1 << 20  # one event larger than 1 MiB is not a token delta: refuse the stream
+DONE = b"data: [DONE]"
+_decoder = msgspec.json.Decoder()
+
+
+@dataclass
+class StreamState:
+    """What the relay learned from the stream so far."""
+
+    usage: dict[str, Any] | None = None
+    content_events: int = 0
+    finished: bool = False
+    done: bool = False
+    buffer: bytearray = field(default_factory=bytearray)
+
+
+class StreamTooLarge(ValueError):
+    """An event exceeded `EVENT_BYTES_MAX`."""
+
+
+def split_events(state: StreamState, chunk: bytes) -> list[bytes]:
+    """Complete events (without their blank-line terminator) from the bytes received so far."""
+    state.buffer += chunk
+    if b"\r\n" in state.buffer:
+        state.buffer[:] = state.buffer.replace(b"\r\n", b"\n")
+    events: list[bytes] = []
+    while True:
+        end = state.buffer.find(b"\n\n")
+        if end < 0:
+            if len(state.buffer) > EVENT_BYTES_MAX:
+                raise StreamTooLarge("an upstream event exceeded 1 MiB")
+            return events
+        events.append(bytes(state.buffer[:end]))
+        del state.buffer[: end + 2]
+
+
+def inspect(state: StreamState, event: bytes) -> bool:
+    """Record what `event` tells; True when it is a usage-only chunk (empty choices, usage set)."""
+    if event.startswith(DONE):
+        state.done = True
+        return False
+    if b'"usage":{' in event or b'"usage": {' in event:
+        payload = _payload(event)
+        if isinstance(payload, dict) and isinstance(payload.get("usage"), dict):
+            state.usage = payload["usage"]
+            choices = payload.get("choices")
+            if choices:
+                state.content_events += 1
+            return not choices
+    if b'"finish_reason":"' in event or b'"finish_reason": "' in event:
+        state.finished = True
+    if b'"content":' in event or b'"text":' in event or b'"tool_calls":' in event:
+        state.content_events += 1
+    return False
+
+
+def _payload(event: bytes) -> Any:
+    for line in event.split(b"\n"):
+        if line.startswith(b"data:"):
+            try:
+                return _decoder.decode(line[5:].strip())
+            except msgspec.DecodeError:
+                return None
+    return None
+
+
+def rename_model(data: bytes, upstream_model: str, model: str) -> bytes:
+    """Clients see the model name they asked for, not the upstream's."""
+    if upstream_model == model:
+        return data
+    old = msgspec.json.encode(upstream_model)
+    new = msgspec.json.encode(model)
+    return data.replace(b'"model":' + old, b'"model":' + new).replace(b'"model": ' + old, b'"model": ' + new)

@@ -1,0 +1,202 @@
+"""The /v1 API through the official openai SDK, against the fake upstream on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime
+
+import httpx
+import openai
+import psycopg
+import pytest
+
+from domain.access import SYSTEM
+from domain.catalog import BackendKind, Deployment
+from domain.pricing import Prices
+from tests.e2e.conftest import Stack
+
+
+def client(stack: Stack, secret: str | None = None) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.base_url, api_key=secret or stack.secret, max_retries=0, timeout=30)
+
+
+def wait_for(predicate, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError("condition not reached in time")
+
+
+def charged(stack: Stack, database_url: str) -> tuple[int, int]:
+    """(requests, credits) recorded for the project, as the read model has them."""
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute("SELECT requests, charged_credits FROM lwapi_read.balances WHERE project_id = %s",
+                           (stack.project_id,)).fetchone()
+    return (row[0], row[1]) if row else (0, 0)
+
+
+def test_chat_completion_is_relayed_and_metered(stack: Stack, database_url: str) -> None:
+    result = client(stack).chat.completions.create(
+        model="llama", messages=[{"role": "user", "content": "Hello"}], extra_body={"fake_tokens": 5})
+    assert result.model == "llama"  # the client sees the name it asked for
+    assert result.choices[0].message.content == "tok " * 5
+    assert result.usage is not None and result.usage.completion_tokens == 5
+    expected = -(-(result.usage.prompt_tokens * 1_000 + 5 * 2_000) // 1_000_000)
+    wait_for(lambda: charged(stack, database_url) == (1, expected))
+
+
+def test_models_list_only_what_the_key_may_use(stack: Stack) -> None:
+    assert [m.id for m in client(stack).models.list()] == ["llama"]
+    assert client(stack).models.retrieve("llama").id == "llama"
+    _, restricted = stack.new_key(allowed_models=("something-else",))
+    assert list(client(stack, restricted).models.list()) == []
+    with pytest.raises(openai.NotFoundError):
+        client(stack, restricted).models.retrieve("llama")
+
+
+def test_streaming_relays_chunks_and_usage_only_when_asked(stack: Stack) -> None:
+    chunks = list(client(stack).chat.completions.create(
+        model="llama", messages=[{"role": "user", "content": "Hi"}], stream=True, extra_body={"fake_tokens": 6}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "tok " * 6
+    assert all(c.usage is None for c in chunks) and all(c.model == "llama" for c in chunks)
+    with_usage = list(client(stack).chat.completions.create(
+        model="llama", messages=[{"role": "user", "content": "Hi"}], stream=True,
+        stream_options={"include_usage": True}, extra_body={"fake_tokens": 6}))
+    assert with_usage[-1].choices == [] and with_usage[-1].usage.completion_tokens == 6
+
+
+async def test_async_client_streams_completions_and_embeddings(stack: Stack) -> None:
+    aclient = openai.AsyncOpenAI(base_url=stack.base_url, api_key=stack.secret, max_retries=0)
+    stream = await aclient.completions.create(model="llama", prompt="Once", stream=True, max_tokens=3,
+                                              extra_body={"fake_tokens": 10})
+    texts = [c.choices[0].text async for c in stream if c.choices]
+    assert "".join(texts) == "tok " * 3
+    embedding = await aclient.embeddings.create(model="llama", input=["a", "b"])
+    assert len(embedding.data) == 2 and embedding.usage.prompt_tokens > 0
+    await aclient.close()
+
+
+@pytest.mark.parametrize(
+    ("secret", "message"),
+    [("sk-lw-" + "x" * 43, "Incorrect API key"), ("not-a-key", "Incorrect API key")],
+)
+def test_unknown_keys_are_refused(stack: Stack, secret: str, message: str) -> None:
+    with pytest.raises(openai.AuthenticationError, match=message) as refused:
+        client(stack, secret).chat.completions.create(model="llama", messages=[{"role": "user", "content": "x"}])
+    assert refused.value.status_code == 401
+    assert refused.value.response.headers["x-request-id"].startswith("req_")
+
+
+def test_revoked_key_is_refused_within_one_second(stack: Stack) -> None:
+    key_id, secret = stack.new_key()
+    wait_for(lambda: client(stack, secret).models.list() is not None, 2)
+    stack.app.revoke_key(SYSTEM, key_id)
+    started = time.monotonic()
+
+    def refused() -> bool:
+        try:
+            client(stack, secret).models.list()
+        except openai.AuthenticationError as e:
+            return "revoked" in str(e)
+        return False
+    wait_for(refused, 1.0)
+    assert time.monotonic() - started < 1.0
+
+
+def test_model_not_allowed_unknown_and_bad_body(stack: Stack) -> None:
+    _, restricted = stack.new_key(allowed_models=("other",))
+    wait_for(lambda: _works(stack, restricted), 2)
+    with pytest.raises(openai.PermissionDeniedError):
+        client(stack, restricted).chat.completions.create(model="llama", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.NotFoundError):
+        client(stack).chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError):
+        client(stack).chat.completions.create(model="llama", messages=[])
+    raw = httpx.post(f"{stack.base_url}/chat/completions", content=b"{not json",
+                     headers={"Authorization": f"Bearer {stack.secret}"})
+    assert raw.status_code == 400 and raw.json()["error"]["type"] == "invalid_request_error"
+    big = httpx.post(f"{stack.base_url}/chat/completions", content=b"x" * (17 * 1024 * 1024),
+                     headers={"Authorization": f"Bearer {stack.secret}"})
+    assert big.status_code == 413
+
+
+def _works(stack: Stack, secret: str) -> bool:
+    try:
+        client(stack, secret).models.list()
+    except openai.AuthenticationError:
+        return False
+    return True
+
+
+def test_rate_limit_answers_429_with_openai_headers(stack: Stack) -> None:
+    _, limited = stack.new_key(rpm_limit=2)
+    wait_for(lambda: _works(stack, limited), 2)  # /models does not count against the limit
+    c = client(stack, limited)
+    for _ in range(2):
+        c.chat.completions.create(model="llama", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.RateLimitError) as limited_error:
+        c.chat.completions.create(model="llama", messages=[{"role": "user", "content": "x"}])
+    headers = limited_error.value.response.headers
+    assert headers["x-ratelimit-limit-requests"] == "2" and headers["x-ratelimit-remaining-requests"] == "0"
+    assert int(headers["retry-after"]) >= 1
+    assert limited_error.value.code == "rate_limit_exceeded"
+
+
+def test_usage_cap_refuses_with_insufficient_quota(stack: Stack) -> None:
+    _, capped = stack.new_key(cap_credits=3)
+    wait_for(lambda: _works(stack, capped), 2)
+    with pytest.raises(openai.RateLimitError) as refused:
+        client(stack, capped).chat.completions.create(model="llama", messages=[{"role": "user", "content": "x"}])
+    assert refused.value.code == "insufficient_quota"
+    ok = client(stack, capped).chat.completions.create(model="llama", max_tokens=50,
+                                                       messages=[{"role": "user", "content": "x"}])
+    assert ok.choices
+
+
+@pytest.mark.parametrize(
+    ("fail", "error", "status"),
+    [("500", openai.InternalServerError, 502), ("400", openai.BadRequestError, 400)],
+)
+def test_upstream_errors_map_to_openai_errors(stack: Stack, fail: str, error: type, status: int) -> None:
+    with pytest.raises(error) as raised:
+        client(stack).chat.completions.create(model="llama", messages=[{"role": "user", "content": "x"}],
+                                              extra_body={"fake_fail": fail})
+    assert raised.value.status_code == status
+
+
+def test_stream_cut_midway_ends_with_an_error_event_and_a_charge(stack: Stack, database_url: str) -> None:
+    before = charged(stack, database_url)
+    with pytest.raises(openai.APIError):
+        for _ in client(stack).chat.completions.create(
+                model="llama", messages=[{"role": "user", "content": "x"}], stream=True,
+                extra_body={"fake_tokens": 10, "fake_fail": "cut"}):
+            pass
+    wait_for(lambda: charged(stack, database_url)[0] == before[0] + 1)
+
+
+def test_client_disconnect_mid_stream_is_charged_once(stack: Stack, database_url: str) -> None:
+    before = charged(stack, database_url)
+
+    async def read_a_little() -> None:
+        async with httpx.AsyncClient(timeout=30) as h, h.stream(
+                "POST", f"{stack.base_url}/chat/completions", headers={"Authorization": f"Bearer {stack.secret}"},
+                json={"model": "llama", "messages": [{"role": "user", "content": "x"}], "stream": True,
+                      "fake_tokens": 200, "fake_delay_ms": 20}) as response:
+            async for _ in response.aiter_bytes():
+                break
+    asyncio.run(read_a_little())
+    wait_for(lambda: charged(stack, database_url)[0] == before[0] + 1)
+    time.sleep(0.5)
+    assert charged(stack, database_url)[0] == before[0] + 1
+
+
+def test_upstream_down_is_503(stack: Stack) -> None:
+    stack.app.add_model(SYSTEM, "down", Deployment("nowhere", BackendKind.OPENAI, "http://127.0.0.1:9/v1", "x"),
+                        Prices(1, 1, datetime(2020, 1, 1, tzinfo=UTC)))
+    wait_for(lambda: "down" in [m.id for m in client(stack).models.list()], 2)
+    with pytest.raises(openai.InternalServerError) as raised:
+        client(stack).chat.completions.create(model="down", messages=[{"role": "user", "content": "x"}])
+    assert raised.value.status_code == 503

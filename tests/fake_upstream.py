@@ -1,0 +1,141 @@
+"""A small OpenAI-compatible upstream for tests and benchmarks, steerable per request.
+
+Run: `python -m tests.fake_upstream --port 9100 [--no-usage]`. Extra request fields steer it:
+`fake_tokens` (completion tokens, default 8, capped by max_tokens), `fake_delay_ms` (per token),
+`fake_fail`: "500" (error before any byte), "400" (a refusal), "cut" (stream breaks off midway),
+"no_done" (stream ends without [DONE]), "hang" (headers, then silence), "malformed" (bad JSON),
+"slow_headers" (sleeps before answering). `--no-usage` ignores include_usage, like llama.cpp's server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+import uuid
+from typing import Any
+
+import uvicorn
+
+NO_USAGE = False
+
+
+async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    path = scope["path"]
+    if scope["method"] == "GET" and path == "/v1/models":
+        await _json(send, 200, {"object": "list", "data": [{"id": "fake", "object": "model", "created": 0,
+                                                           "owned_by": "fake"}]})
+        return
+    try:
+        request = json.loads(body)
+    except ValueError:
+        await _json(send, 400, {"error": {"message": "bad json", "type": "invalid_request_error"}})
+        return
+    fail = request.get("fake_fail")
+    if fail == "slow_headers":
+        await asyncio.sleep(float(request.get("fake_sleep_s", 30)))
+    if fail == "500":
+        await _json(send, 500, {"error": {"message": "upstream exploded", "type": "server_error"}})
+        return
+    if fail == "400":
+        await _json(send, 400, {"error": {"message": "This model's maximum context length is 8 tokens.",
+                                          "type": "invalid_request_error", "param": "messages", "code": None}})
+        return
+    if path == "/v1/embeddings":
+        inputs = request["input"] if isinstance(request["input"], list) else [request["input"]]
+        tokens = sum(len(str(i)) // 4 + 1 for i in inputs)
+        data = [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]} for i in range(len(inputs))]
+        await _json(send, 200, {"object": "list", "data": data, "model": request["model"],
+                                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+        return
+    await _complete(send, request, chat=path == "/v1/chat/completions")
+
+
+async def _complete(send: Any, request: dict[str, Any], *, chat: bool) -> None:
+    prompt_tokens = len(json.dumps(request.get("messages") or request.get("prompt"))) // 4 + 1
+    tokens = int(request.get("fake_tokens", 8))
+    limit = request.get("max_completion_tokens") or request.get("max_tokens")
+    finish = "stop"
+    if limit is not None and tokens > limit:
+        tokens, finish = int(limit), "length"
+    delay = float(request.get("fake_delay_ms", 0)) / 1000
+    fail = request.get("fake_fail")
+    base = {"id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "created": int(time.time()), "model": request["model"],
+            "system_fingerprint": "fake"}
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": tokens, "total_tokens": prompt_tokens + tokens}
+    if not request.get("stream"):
+        if fail == "malformed":
+            await _raw(send, 200, b'{"id": "x", "choices": [', "application/json")
+            return
+        await asyncio.sleep(delay * tokens)
+        text = "tok " * tokens
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                   "logprobs": None} if chat else {"index": 0, "text": text, "finish_reason": finish,
+                                                   "logprobs": None})
+        await _json(send, 200, {**base, "object": "chat.completion" if chat else "text_completion",
+                                "choices": [choice], **({} if NO_USAGE else {"usage": usage})})
+        return
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")]})
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    if fail == "hang":
+        await asyncio.sleep(3600)
+    for i in range(tokens):
+        if fail == "cut" and i == tokens // 2:
+            raise ConnectionResetError("cut")  # uvicorn drops the connection mid-body
+        if delay:
+            await asyncio.sleep(delay)
+        delta = ({"role": "assistant", "content": "tok "} if i == 0 else {"content": "tok "}) if chat else None
+        choice = {"index": 0, "delta": delta, "finish_reason": None, "logprobs": None} if chat else \
+            {"index": 0, "text": "tok ", "finish_reason": None, "logprobs": None}
+        await _event(send, {**base, "object": kind, "choices": [choice]})
+    last = {"index": 0, "delta": {}, "finish_reason": finish, "logprobs": None} if chat else \
+        {"index": 0, "text": "", "finish_reason": finish, "logprobs": None}
+    await _event(send, {**base, "object": kind, "choices": [last]})
+    options = request.get("stream_options") or {}
+    if options.get("include_usage") and not NO_USAGE:
+        await _event(send, {**base, "object": kind, "choices": [], "usage": usage})
+    if fail != "no_done":
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": True})
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _event(send: Any, payload: dict[str, Any]) -> None:
+    data = b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+    await send({"type": "http.response.body", "body": data, "more_body": True})
+
+
+async def _json(send: Any, status: int, payload: dict[str, Any]) -> None:
+    await _raw(send, status, json.dumps(payload).encode(), "application/json")
+
+
+async def _raw(send: Any, status: int, body: bytes, content_type: str) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def main() -> None:
+    global NO_USAGE  # noqa: PLW0603 - a process-wide switch set once from the command line
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--no-usage", action="store_true")
+    args = parser.parse_args()
+    NO_USAGE = args.no_usage
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+
+
+if __name__ == "__main__":
+    main()
