@@ -13,8 +13,9 @@ import logging
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
-from litestar import Litestar, Response, asgi, get
+from litestar import Litestar, Request, Response, asgi, get
 from litestar.config.csrf import CSRFConfig
 from litestar.contrib.jinja import JinjaTemplateEngine
 from litestar.middleware.session.server_side import ServerSideSessionConfig
@@ -59,12 +60,25 @@ def create_app(settings: Settings) -> Litestar:
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    @get("/metrics", sync_to_thread=False, media_type="text/plain; version=0.0.4")
+    async def metrics(request: Request[Any, Any, Any]) -> bytes:
+        """Prometheus metrics: not behind a user key (bind the service to a private address)."""
+        gateway = request.app.state.gateway
+        runtime = request.app.state.runtime
+        lines = [f'lwapi_upstream_in_flight{{model="{m.name}",deployment="{r.name}"}} {r.in_flight}'
+                 for m in gateway.catalog.models.values() for r in m.routes]
+        head = await runtime.follower.head()
+        lag = head - min((await runtime.follower.positions()).values(), default=0)
+        extra = ["# TYPE lwapi_upstream_in_flight gauge", *lines, "# TYPE lwapi_projection_lag_events gauge",
+                 f"lwapi_projection_lag_events {lag}"]
+        return bytes(gateway.metrics.render()) + ("\n".join(extra) + "\n").encode()
+
     @asgi("/v1", is_mount=True, copy_scope=False)
     async def v1(scope: Scope, receive: Receive, send: Send) -> None:
         await scope["app"].state.gateway(scope, receive, send)
 
     return Litestar(
-        route_handlers=[healthz, v1, *portal_routes],
+        route_handlers=[healthz, metrics, v1, *portal_routes],
         lifespan=[lifespan],
         template_config=TemplateConfig(directory=TEMPLATES, engine=JinjaTemplateEngine),
         middleware=[ServerSideSessionConfig(max_age=8 * 3600, httponly=True, samesite="lax").middleware],

@@ -29,6 +29,7 @@ from edge.gateway.admission import Admission, Ticket
 from edge.gateway.catalog import Catalog, CatalogModel, Route
 from edge.gateway.errors import GatewayError
 from edge.gateway.key_index import KeyIndex, KeyRecord
+from edge.gateway.metrics import Metrics
 from edge.gateway.relay import relay_stream, usage_numbers
 from edge.gateway.sse import rename_model
 from edge.gateway.validation import check_payload
@@ -69,19 +70,31 @@ class Call:
 
 class Gateway:
     def __init__(self, *, index: KeyIndex, catalog: Catalog, admission: Admission, spool: Spool,
-                 client: httpx.AsyncClient, pepper: bytes) -> None:
+                 client: httpx.AsyncClient, pepper: bytes, metrics: Metrics) -> None:
         self.index, self.catalog, self.admission, self.spool = index, catalog, admission, spool
-        self.client, self.pepper = client, pepper
+        self.client, self.pepper, self.metrics = client, pepper, metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
+        started = time.perf_counter()
         request_id = "req_" + uuid.uuid4().hex
         path = scope["path"].removeprefix("/v1").rstrip("/") or "/"
+        status = 0
+        scope["lwapi.model"] = ""
+
+        async def send_seen(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
         try:
-            await self._dispatch(scope, receive, send, request_id, path)
+            await self._dispatch(scope, receive, send_seen, request_id, path)
         except GatewayError as e:
-            await respond(send, e.status, e.body(), request_id, e.headers)
+            await respond(send_seen, e.status, e.body(), request_id, e.headers)
+        finally:
+            self.metrics.observe(ENDPOINTS.get(path, "other"), scope["lwapi.model"], status,
+                                 time.perf_counter() - started)
 
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send, request_id: str, path: str) -> None:
         method = scope["method"]
@@ -135,6 +148,7 @@ class Gateway:
         key = self.authenticate(scope)
         payload = parse_payload(body, endpoint)
         model = self.catalog.get(payload["model"])
+        scope["lwapi.model"] = payload["model"] if model is not None else "_unknown"
         if model is None:
             raise errors.model_not_found(payload["model"])
         if not key.allows(model.name):
@@ -233,6 +247,7 @@ class Gateway:
             self.spool.append(entry)
         finally:
             self.admission.settle(call.ticket, prompt + completion, cost)
+            self.metrics.count_tokens(call.model.name, prompt, completion)
 
 
 def _model_object(model: CatalogModel) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from domain.quota import QuotaBook
 from edge.gateway.admission import Admission
 from edge.gateway.catalog import Catalog
 from edge.gateway.key_index import KeyIndex
+from edge.gateway.metrics import Metrics
 from edge.gateway.proxy import Gateway
 from edge.runtime import Runtime
 
@@ -39,8 +40,12 @@ async def running_gateway(runtime: Runtime) -> AsyncIterator[Gateway]:
 
     spool = Spool(runtime.settings.data_dir / SPOOL_FOLDER, runtime.accounting, on_recorded=recorded)
     client = make_client()
+    metrics = Metrics()
+    metrics.gauges["lwapi_spool_depth_entries"] = spool.depth
+    metrics.gauges["lwapi_keys_indexed"] = lambda: len(index)
+    metrics.gauges["lwapi_open_reservations"] = quota.open_reservations
     gateway = Gateway(index=index, catalog=catalog, admission=Admission(quota), spool=spool, client=client,
-                      pepper=runtime.accounting.key_pepper)
+                      pepper=runtime.accounting.key_pepper, metrics=metrics)
     stop, spool_stop = asyncio.Event(), asyncio.Event()
     tasks = [asyncio.create_task(index.follow(stop), name="key-index"),
              asyncio.create_task(catalog.follow(stop), name="catalog"),

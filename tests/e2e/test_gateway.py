@@ -12,6 +12,7 @@ import psycopg
 import pytest
 
 from domain.access import SYSTEM
+from domain.api_key import KeySettings
 from domain.catalog import BackendKind, Deployment
 from domain.pricing import Prices
 from tests.e2e.conftest import Stack
@@ -200,3 +201,48 @@ def test_upstream_down_is_503(stack: Stack) -> None:
     with pytest.raises(openai.InternalServerError) as raised:
         client(stack).chat.completions.create(model="down", messages=[{"role": "user", "content": "x"}])
     assert raised.value.status_code == 503
+
+
+def test_metrics_are_prometheus_text_without_a_key(stack: Stack) -> None:
+    client(stack).chat.completions.create(model="llama", messages=[{"role": "user", "content": "x"}])
+    text = httpx.get(stack.base_url.removesuffix("/v1") + "/metrics").text
+    assert 'lwapi_requests_total{endpoint="chat",model="llama",status="200"} 1' in text
+    assert 'lwapi_tokens_total{model="llama",kind="completion"} 8' in text
+    assert "lwapi_spool_depth_entries" in text and "lwapi_projection_lag_events" in text
+    assert 'lwapi_upstream_in_flight{model="llama",deployment="fake"} 0' in text
+
+
+def test_two_hundred_concurrent_requests_on_a_balance_for_ten(stack: Stack, database_url: str) -> None:
+    """Each request costs exactly 10 credits (10 completion tokens at 1 credit each, prompt free)."""
+    owner = stack.app.register_user("tight@uni.edu", "Tight")
+    project = stack.app.create_project(SYSTEM, "tight", "Tight budget", owner)
+    stack.app.grant_credits(SYSTEM, project, 100, "ten requests")
+    _, secret = stack.app.create_key(SYSTEM, project, owner, KeySettings(name="k"))
+    stack.app.add_model(SYSTEM, "exact", Deployment("fake", BackendKind.OPENAI, stack.upstream_url, "fake-upstream"),
+                        Prices(0, 1_000_000, datetime(2020, 1, 1, tzinfo=UTC)))
+    wait_for(lambda: _works(stack, secret) and "exact" in [m.id for m in client(stack, secret).models.list()], 3)
+
+    async def one(c: openai.AsyncOpenAI) -> str:
+        try:
+            await c.chat.completions.create(model="exact", messages=[{"role": "user", "content": "x"}], max_tokens=10,
+                                            extra_body={"fake_tokens": 10, "fake_delay_ms": 5})
+        except openai.RateLimitError as e:
+            return str(e.code)
+        return "ok"
+
+    async def burst() -> list[str]:
+        c = openai.AsyncOpenAI(base_url=stack.base_url, api_key=secret, max_retries=0, timeout=60,
+                               http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=200)))
+        try:
+            return await asyncio.gather(*(one(c) for _ in range(200)))
+        finally:
+            await c.close()
+    outcomes = asyncio.run(burst())
+    assert outcomes.count("ok") == 10 and outcomes.count("insufficient_quota") == 190
+
+    def spent() -> int:
+        with psycopg.connect(database_url) as conn:
+            row = conn.execute("SELECT charged_credits FROM lwapi_read.balances WHERE project_id = %s",
+                               (project,)).fetchone()
+        return row[0] if row else 0
+    wait_for(lambda: spent() == 100)
