@@ -53,6 +53,7 @@ def test_models_list_only_what_the_key_may_use(stack: Stack) -> None:
     assert [m.id for m in client(stack).models.list()] == ["llama"]
     assert client(stack).models.retrieve("llama").id == "llama"
     _, restricted = stack.new_key(allowed_models=("something-else",))
+    wait_for(lambda: _works(stack, restricted), 2)  # a new key reaches the gateway within a second
     assert list(client(stack, restricted).models.list()) == []
     with pytest.raises(openai.NotFoundError):
         client(stack, restricted).models.retrieve("llama")
