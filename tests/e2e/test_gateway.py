@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from datetime import UTC, datetime
 
@@ -247,3 +248,17 @@ def test_two_hundred_concurrent_requests_on_a_balance_for_ten(stack: Stack, data
                                (project,)).fetchone()
         return row[0] if row else 0
     wait_for(lambda: spent() == 100)
+
+
+def test_sigterm_lets_open_streams_finish_and_flushes_their_usage(stack: Stack, database_url: str) -> None:
+    c = client(stack)
+    stream = c.chat.completions.create(model="llama", messages=[{"role": "user", "content": "x"}], stream=True,
+                                       extra_body={"fake_tokens": 40, "fake_delay_ms": 50})
+    received = [next(stream)]
+    stack.service.send_signal(signal.SIGTERM)
+    received += list(stream)
+    assert "".join(ch.choices[0].delta.content or "" for ch in received if ch.choices) == "tok " * 40
+    stack.service.wait(timeout=30)
+    with psycopg.connect(database_url) as conn:
+        claims = conn.execute("SELECT count(*) FROM usage_request_claims").fetchone()
+    assert claims == (1,)  # the spool was flushed to the event store before the process ended
