@@ -20,7 +20,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +50,7 @@ class Spool:
         root: Path,
         accounting: Accounting,
         *,
-        on_recorded: Callable[[FlushedBatch], None] | None = None,
+        on_recorded: Callable[[FlushedBatch], Awaitable[None]] | None = None,
         segment_entries_max: int = SEGMENT_ENTRIES_MAX,
         segment_age_s: float = SEGMENT_AGE_S,
         fsync_interval_s: float = FSYNC_INTERVAL_S,
@@ -148,7 +148,7 @@ class Spool:
             if not result.already_recorded:
                 self.entries_recorded += len(entries)
             if self.on_recorded is not None:
-                self.on_recorded(FlushedBatch([e.request_id for e in entries], result.position))
+                await self.on_recorded(FlushedBatch([e.request_id for e in entries], result.position))
         path.unlink()
         return len(entries)
 

@@ -38,6 +38,8 @@ class Settings:
     """Connections per pool to PostgreSQL (LWAPI_DB_POOL_SIZE)."""
     db_timeout_s: float
     """Timeout for connecting and for each database command (LWAPI_DB_TIMEOUT_S)."""
+    redis_url: str | None = None
+    """Redis shared by several gateway processes for rate limits and reservations (LWAPI_REDIS_URL)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -52,6 +54,7 @@ class Settings:
             admin_password=e.get("LWAPI_ADMIN_PASSWORD") or None,
             db_pool_size=_int(e, "LWAPI_DB_POOL_SIZE", 10, 2, 200),
             db_timeout_s=float(_int(e, "LWAPI_DB_TIMEOUT_S", 30, 1, 3600)),
+            redis_url=e.get("LWAPI_REDIS_URL") or None,
         )
 
     def with_overrides(self, *, data_dir: Path | None = None, port: int | None = None,

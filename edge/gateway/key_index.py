@@ -12,15 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 from uuid import UUID
 
 import asyncpg
 
 from domain.api_key import KeyStatus, key_status
-from domain.quota import QuotaBook
 from projections.api_keys import CHANGE_CHANNEL as KEYS_CHANNEL
 from projections.base import SCHEMA
 from projections.follower import PROJECTIONS_CHANNEL
@@ -33,6 +33,10 @@ KEYS_MAX = 1_000_000
 
 _KEY_COLUMNS = ("key_id, project_id, owner_id, secret_hash, name, rpm_limit, tpm_limit, cap_credits, "
                 "valid_from, valid_until, allowed_models, revoked_at")
+
+
+class BudgetSink(Protocol):
+    async def set_bases(self, bases: Sequence[tuple[tuple[str, UUID], int | None]], position: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -66,10 +70,10 @@ def _record(row: asyncpg.Record) -> KeyRecord:
 
 
 class KeyIndex:
-    def __init__(self, pool: asyncpg.Pool, quota: QuotaBook, *, refresh_interval_s: float = REFRESH_INTERVAL_S,
+    def __init__(self, pool: asyncpg.Pool, budgets: BudgetSink, *, refresh_interval_s: float = REFRESH_INTERVAL_S,
                  poll_interval_s: float = POLL_INTERVAL_S) -> None:
         self.pool = pool
-        self.quota = quota
+        self.budgets = budgets
         self.refresh_interval_s = refresh_interval_s
         self.poll_interval_s = poll_interval_s
         self._by_hash: dict[str, KeyRecord] = {}
@@ -112,13 +116,12 @@ class KeyIndex:
                 f"SELECT k.key_id, k.cap_credits - coalesce(u.cost_credits, 0) AS left FROM {SCHEMA}.api_keys k "
                 f"LEFT JOIN {SCHEMA}.key_usage u USING (key_id) WHERE k.cap_credits IS NOT NULL")
             archived = await conn.fetch(f"SELECT project_id FROM {SCHEMA}.projects WHERE archived")
-        for row in balances:
-            self.quota.set_base(("project", row["project_id"]), row["remaining_credits"], position)
+        bases: list[tuple[tuple[str, UUID], int | None]] = [
+            (("project", row["project_id"]), row["remaining_credits"]) for row in balances]
         capped = {row["key_id"] for row in usage}
-        for row in usage:
-            self.quota.set_base(("key", row["key_id"]), row["left"], position)
-        for key_id in self._capped - capped:  # a cap removed since the last snapshot
-            self.quota.set_base(("key", key_id), None, position)
+        bases += [(("key", row["key_id"]), row["left"]) for row in usage]
+        bases += [(("key", key_id), None) for key_id in self._capped - capped]  # caps removed since last time
+        await self.budgets.set_bases(bases, position)
         self._capped = capped
         self.archived_projects = {r["project_id"] for r in archived}
         self.position = position

@@ -161,7 +161,7 @@ class Gateway:
                                "model_not_priced")
         prompt_estimate = max(1, len(body) // BYTES_PER_TOKEN_ESTIMATE)
         completion_max = completion_limit(payload, endpoint)
-        ticket = self.admission.admit(key, request_id, prompt_estimate + completion_max, prices, prompt_estimate,
+        ticket = await self.admission.admit(key, request_id, prompt_estimate + completion_max, prices, prompt_estimate,
                                       completion_max)
         call = Call(request_id, endpoint, payload, model, ticket, started, prompt_estimate)
         usage: dict[str, Any] | None = None
@@ -173,7 +173,7 @@ class Gateway:
             else:
                 usage, generated = await self._relay_whole(call, response, send)
         finally:
-            self._finish(call, usage, generated)
+            await self._finish(call, usage, generated)
 
     async def _open_upstream(self, call: Call) -> httpx.Response:
         """Send to the least busy deployment; on failure before any byte, try the next one."""
@@ -228,12 +228,12 @@ class Gateway:
         await respond(send, 200, body, call.request_id, call.ticket.headers)
         return (usage if isinstance(usage, dict) else None), max(1, len(data) // (2 * BYTES_PER_TOKEN_ESTIMATE))
 
-    def _finish(self, call: Call, usage: dict[str, Any] | None, generated: int) -> None:
+    async def _finish(self, call: Call, usage: dict[str, Any] | None, generated: int) -> None:
         """Meter once: the usage entry to the spool, the reservation settled (also after failures)."""
         if call.route is not None:
             call.route.in_flight -= 1
         if usage is None and generated == 0:
-            self.admission.settle(call.ticket, 0, 0)  # nothing reached the client: nothing to charge
+            await self.admission.settle(call.ticket, 0, 0)  # nothing reached the client: nothing to charge
             return
         prompt, cached, completion, estimated = usage_numbers(usage, call.prompt_estimate, generated)
         prices = call.model.price_at(call.started)
@@ -244,10 +244,10 @@ class Gateway:
                            call.route.name if call.route else "", prompt, cached, completion, cost,
                            min(int(call.started.timestamp() * 1000), now_ms), now_ms, estimated)
         try:
-            self.spool.append(entry)
+            self.spool.append(entry)  # on disk before anything else can be interrupted
         finally:
-            self.admission.settle(call.ticket, prompt + completion, cost)
             self.metrics.count_tokens(call.model.name, prompt, completion)
+            await self.admission.settle(call.ticket, prompt + completion, cost)
 
 
 def _model_object(model: CatalogModel) -> dict[str, Any]:

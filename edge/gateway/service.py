@@ -10,10 +10,12 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
+from redis.asyncio import Redis
+
 from adapters.backends.openai_compat import make_client
+from adapters.redis_admission import RedisAdmissionStore
 from adapters.spool import FlushedBatch, Spool
-from domain.quota import QuotaBook
-from edge.gateway.admission import Admission
+from edge.gateway.admission import Admission, LocalAdmission, SharedAdmission
 from edge.gateway.catalog import Catalog
 from edge.gateway.key_index import KeyIndex
 from edge.gateway.metrics import Metrics
@@ -23,28 +25,36 @@ from edge.runtime import Runtime
 log = logging.getLogger(__name__)
 SPOOL_FOLDER = "spool"
 STOP_TIMEOUT_S = 30.0
+REDIS_TIMEOUT_S = 0.5  # a slow Redis must not stall requests: past this, admission falls back locally
 
 
 @contextlib.asynccontextmanager
 async def running_gateway(runtime: Runtime) -> AsyncIterator[Gateway]:
     """A gateway with its index and catalog loaded; on exit the spool is flushed to the event store."""
     assert runtime.pool is not None
-    quota = QuotaBook()
-    index = KeyIndex(runtime.pool, quota)
+    redis_client = None
+    admission: Admission
+    if runtime.settings.redis_url:
+        redis_client = Redis.from_url(runtime.settings.redis_url, socket_timeout=REDIS_TIMEOUT_S,
+                                      socket_connect_timeout=REDIS_TIMEOUT_S)
+        admission = SharedAdmission(RedisAdmissionStore(redis_client))
+    else:
+        admission = LocalAdmission()
+    index = KeyIndex(runtime.pool, admission)
     catalog = Catalog(runtime.pool)
     await index.load()
     await catalog.load()
 
-    def recorded(batch: FlushedBatch) -> None:
-        quota.recorded(batch.request_ids, batch.position)
+    async def recorded(batch: FlushedBatch) -> None:
+        await admission.recorded(batch.request_ids, batch.position)
 
     spool = Spool(runtime.settings.data_dir / SPOOL_FOLDER, runtime.accounting, on_recorded=recorded)
     client = make_client()
     metrics = Metrics()
     metrics.gauges["lwapi_spool_depth_entries"] = spool.depth
     metrics.gauges["lwapi_keys_indexed"] = lambda: len(index)
-    metrics.gauges["lwapi_open_reservations"] = quota.open_reservations
-    gateway = Gateway(index=index, catalog=catalog, admission=Admission(quota), spool=spool, client=client,
+    metrics.gauges["lwapi_open_reservations"] = admission.open_reservations
+    gateway = Gateway(index=index, catalog=catalog, admission=admission, spool=spool, client=client,
                       pepper=runtime.accounting.key_pepper, metrics=metrics)
     stop, spool_stop = asyncio.Event(), asyncio.Event()
     tasks = [asyncio.create_task(index.follow(stop), name="key-index"),
@@ -64,3 +74,5 @@ async def running_gateway(runtime: Runtime) -> AsyncIterator[Gateway]:
                 log.error("gateway: %s failed", task.get_name(), exc_info=task.exception())
         spool.close()
         await client.aclose()
+        if redis_client is not None:
+            await redis_client.aclose()

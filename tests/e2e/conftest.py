@@ -74,6 +74,23 @@ def fake_upstream() -> Iterator[str]:
         proc.wait(timeout=10)
 
 
+def start_service(database_url: str, data_dir: Path, extra_env: dict[str, str] | None = None
+                  ) -> tuple[subprocess.Popen[str], str]:
+    port = free_port()
+    env = {**os.environ, "DATABASE_URL": database_url, "LWAPI_KEY_PEPPER": bytes(range(32)).hex(),
+           "LWAPI_ADMIN_EMAIL": "ops@uni.edu", "LWAPI_ADMIN_PASSWORD": "admin-password-1", **(extra_env or {})}
+    service = subprocess.Popen([sys.executable, "-m", "edge.cli", "serve", "--port", str(port), "--data-dir",
+                                str(data_dir)], env=env, text=True)
+    wait_http(f"http://127.0.0.1:{port}/healthz")
+    return service, f"http://127.0.0.1:{port}/v1"
+
+
+def stop_service(service: subprocess.Popen[str]) -> None:
+    if service.poll() is None:
+        service.send_signal(signal.SIGTERM)
+        service.wait(timeout=30)
+
+
 @pytest.fixture
 def stack(database_url: str, fake_upstream: str) -> Iterator[Stack]:
     app = Accounting(env=eventstore_env(database_url), key_pepper=bytes(range(32)))
@@ -84,18 +101,10 @@ def stack(database_url: str, fake_upstream: str) -> Iterator[Stack]:
     app.add_model(SYSTEM, "llama", Deployment("fake", BackendKind.OPENAI, fake_upstream, "fake-upstream"),
                   Prices(1_000, 2_000, datetime(2020, 1, 1, tzinfo=UTC)), "A fake model")
     data_dir = Path(tempfile.mkdtemp(prefix="lwapi-gw.", dir="/tmp"))
-    port = free_port()
-    env = {**os.environ, "DATABASE_URL": database_url, "LWAPI_KEY_PEPPER": bytes(range(32)).hex(),
-           "LWAPI_ADMIN_EMAIL": "ops@uni.edu", "LWAPI_ADMIN_PASSWORD": "admin-password-1"}
-    service = subprocess.Popen([sys.executable, "-m", "edge.cli", "serve", "--port", str(port), "--data-dir",
-                                str(data_dir)], env=env, text=True)
+    service, base_url = start_service(database_url, data_dir)
     try:
-        wait_http(f"http://127.0.0.1:{port}/healthz")
-        yield Stack(f"http://127.0.0.1:{port}/v1", fake_upstream, app, project, user, secret, key_id, data_dir,
-                    service)
+        yield Stack(base_url, fake_upstream, app, project, user, secret, key_id, data_dir, service)
     finally:
-        if service.poll() is None:
-            service.send_signal(signal.SIGTERM)
-            service.wait(timeout=30)
+        stop_service(service)
         app.close()
         shutil.rmtree(data_dir, ignore_errors=True)

@@ -15,7 +15,7 @@ import pytest
 from eventsourcing.persistence import PersistenceError
 
 from adapters.database import eventstore_env
-from adapters.spool import Spool
+from adapters.spool import FlushedBatch, Spool
 from domain.access import SYSTEM
 from domain.accounting import Accounting
 from domain.api_key import KeySettings
@@ -39,8 +39,11 @@ def _claims(url: str) -> int:
 
 async def test_entries_reach_the_log_in_batches(database_url: str, tmp_path: Path) -> None:
     app, project, key_id = _world(database_url)
-    flushed = []
-    spool = Spool(tmp_path, app, on_recorded=flushed.append, segment_entries_max=40, segment_age_s=0.05)
+    flushed: list[FlushedBatch] = []
+
+    async def on_recorded(batch: FlushedBatch) -> None:
+        flushed.append(batch)
+    spool = Spool(tmp_path, app, on_recorded=on_recorded, segment_entries_max=40, segment_age_s=0.05)
     stop = asyncio.Event()
     task = asyncio.create_task(spool.run(stop))
     for entry in entries(project, key_id, 130):
@@ -59,7 +62,7 @@ CRASHING_WRITER = """
 import os, sys, uuid
 from pathlib import Path
 from adapters.database import eventstore_env
-from adapters.spool import Spool
+from adapters.spool import FlushedBatch, Spool
 from domain.accounting import Accounting
 from tests.integration.support import PEPPER, accounting, entries
 app = accounting(sys.argv[1])

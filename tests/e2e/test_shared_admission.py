@@ -1,0 +1,96 @@
+"""Two gateway processes sharing Redis admit as one: limits and balances hold across them."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from pathlib import Path
+
+import httpx
+import openai
+
+from domain.access import SYSTEM
+from domain.api_key import KeySettings
+from tests.e2e.conftest import Stack, start_service, stop_service
+from tests.e2e.test_gateway import wait_for
+
+
+def _ready(base_url: str, secret: str) -> bool:
+    return httpx.get(f"{base_url}/models", headers={"Authorization": f"Bearer {secret}"}).status_code == 200
+
+
+async def _burst(urls: list[str], secret: str, n: int, **extra: object) -> list[str]:
+    clients = [openai.AsyncOpenAI(base_url=u, api_key=secret, max_retries=0, timeout=60,
+                                  http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=n)))
+               for u in urls]
+
+    async def one(i: int) -> str:
+        try:
+            await clients[i % len(clients)].chat.completions.create(
+                model="llama", messages=[{"role": "user", "content": "x"}], **extra)  # type: ignore[call-overload]
+        except openai.RateLimitError as e:
+            return str(e.code)
+        return "ok"
+    try:
+        return await asyncio.gather(*(one(i) for i in range(n)))
+    finally:
+        for c in clients:
+            await c.close()
+
+
+def _two_services(stack: Stack, database_url: str, redis_url: str):
+    stop_service(stack.service)  # the stack's own service runs without Redis
+    folders = [Path(tempfile.mkdtemp(prefix="lwapi-gw.", dir="/tmp")) for _ in range(2)]
+    services = [start_service(database_url, f, {"LWAPI_REDIS_URL": redis_url}) for f in folders]
+    return services, folders
+
+
+def test_rate_limit_holds_across_two_processes(stack: Stack, database_url: str, redis_url: str) -> None:
+    _, secret = stack.app.create_key(SYSTEM, stack.project_id, stack.user_id, KeySettings(name="k", rpm_limit=6))
+    services, folders = _two_services(stack, database_url, redis_url)
+    urls = [url for _, url in services]
+    try:
+        wait_for(lambda: all(_ready(u, secret) for u in urls), 3)
+        outcomes = asyncio.run(_burst(urls, secret, 30))
+        assert outcomes.count("ok") == 6 and outcomes.count("rate_limit_exceeded") == 24
+    finally:
+        for service, _ in services:
+            stop_service(service)
+        for f in folders:
+            shutil.rmtree(f, ignore_errors=True)
+
+
+def test_balance_holds_across_two_processes(stack: Stack, database_url: str, redis_url: str) -> None:
+    owner = stack.app.register_user("pair@uni.edu", "Pair")
+    project = stack.app.create_project(SYSTEM, "pair", "Pair", owner)
+    # each request: prompt estimate × 1 credit/Mtok + 10 completion tokens × 2,000 credits/Mtok → 1 credit
+    stack.app.grant_credits(SYSTEM, project, 10, "ten requests")
+    _, secret = stack.app.create_key(SYSTEM, project, owner, KeySettings(name="k"))
+    services, folders = _two_services(stack, database_url, redis_url)
+    urls = [url for _, url in services]
+    try:
+        wait_for(lambda: all(_ready(u, secret) for u in urls), 3)
+        outcomes = asyncio.run(_burst(urls, secret, 100, max_tokens=10,
+                                      extra_body={"fake_tokens": 10, "fake_delay_ms": 20}))
+        assert outcomes.count("ok") == 10 and outcomes.count("insufficient_quota") == 90
+    finally:
+        for service, _ in services:
+            stop_service(service)
+        for f in folders:
+            shutil.rmtree(f, ignore_errors=True)
+
+
+def test_redis_down_degrades_to_local_admission(stack: Stack, database_url: str) -> None:
+    stop_service(stack.service)
+    folder = Path(tempfile.mkdtemp(prefix="lwapi-gw.", dir="/tmp"))
+    service, url = start_service(database_url, folder, {"LWAPI_REDIS_URL": "redis://127.0.0.1:9/0"})
+    try:
+        wait_for(lambda: _ready(url, stack.secret), 3)
+        outcomes = asyncio.run(_burst([url], stack.secret, 5))
+        assert outcomes == ["ok"] * 5
+        metrics = httpx.get(url.removesuffix("/v1") + "/metrics").text
+        assert "lwapi_requests_total" in metrics
+    finally:
+        stop_service(service)
+        shutil.rmtree(folder, ignore_errors=True)
