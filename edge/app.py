@@ -25,7 +25,7 @@ from litestar.types import Receive, Scope, Send
 
 from edge.gateway.service import running_gateway
 from edge.portal.routes import portal_routes
-from edge.runtime import Runtime, ensure_first_admin
+from edge.runtime import Runtime
 from edge.settings import Settings
 
 log = logging.getLogger("lwapi")
@@ -38,9 +38,7 @@ def create_app(settings: Settings) -> Litestar:
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         runtime = await asyncio.to_thread(Runtime.open, settings)
         try:
-            created = await ensure_first_admin(runtime)
-            if created is not None:
-                announce_admin(*created)
+            await runtime.start_projections()
             assert runtime.follower is not None
             stop = asyncio.Event()
             follower_task = asyncio.create_task(runtime.follower.run(stop), name="projection-follower")
@@ -89,6 +87,11 @@ def create_app(settings: Settings) -> Litestar:
         response_headers=[],
         debug=False,
     )
+
+
+def create_app_from_env() -> Litestar:
+    """For worker processes: the settings the parent exported."""
+    return create_app(Settings.from_env())
 
 
 def _report_follower_exit(task: asyncio.Task[None]) -> None:

@@ -400,14 +400,16 @@ def projections_rebuild(ctx: click.Context) -> None:
 @click.option("--port", type=int, default=None, help="Port (default 8080, or LWAPI_PORT).")
 @click.option("--host", default=None, help="Address (default 127.0.0.1, or LWAPI_HOST).")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="Same as lwapi --data-dir.")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Worker processes (more than one needs LWAPI_REDIS_URL).")
 @click.pass_context
 @handles_errors
-def serve(ctx: click.Context, port: int | None, host: str | None, data_dir: Path | None) -> None:
+def serve(ctx: click.Context, port: int | None, host: str | None, data_dir: Path | None, workers: int) -> None:
     """Run the service (portal + /v1) until interrupted."""
     if port is not None and not 1 <= port <= 65535:
         raise InvalidValue("--port must be between 1 and 65535")
     from edge.server import run  # noqa: PLC0415 - the web stack loads only for this command
-    run(ctx.obj.with_overrides(port=port, host=host, data_dir=data_dir))
+    run(ctx.obj.with_overrides(port=port, host=host, data_dir=data_dir), workers=workers)
 
 
 main.add_command(model)

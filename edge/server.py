@@ -1,25 +1,69 @@
-"""Runs `create_app(settings)` under uvicorn with graceful shutdown.
+"""Runs the service under uvicorn (uvloop + httptools), in one process or several workers.
 
-Imports: edge.
+Imports: everything inward. The parent process locates PostgreSQL (starting the embedded server
+when there is no DATABASE_URL), creates the schema and the first administrator once, and stops the
+embedded server after every worker has ended — so workers never race to create or stop anything.
+Several workers need LWAPI_REDIS_URL: without it each would admit on its own and limits and
+balances would hold per worker, not per key.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import signal
 
 import uvicorn
 
-from edge.app import create_app
+from adapters.database import Database
+from domain.errors import InvalidValue
+from edge.app import announce_admin, create_app
+from edge.runtime import Runtime, ensure_first_admin
 from edge.settings import Settings
 
 SHUTDOWN_GRACE_S = 15
+WORKERS_MAX = 64
 
 
-def run(settings: Settings) -> None:
+def run(settings: Settings, workers: int = 1) -> None:
+    if not 1 <= workers <= WORKERS_MAX:
+        raise InvalidValue(f"--workers must be between 1 and {WORKERS_MAX}")
+    if workers > 1 and not settings.redis_url:
+        raise InvalidValue("--workers > 1 needs LWAPI_REDIS_URL, so that rate limits and balances hold across "
+                           "workers")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream call is noise, and costs CPU
-    uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, log_level="info",
-        timeout_graceful_shutdown=SHUTDOWN_GRACE_S, proxy_headers=False, server_header=False,
-        access_log=False, loop="uvloop", http="httptools",
-    )
+    database = Database.locate(settings.database_url, settings.data_dir)
+    # uvicorn re-raises SIGTERM/SIGINT once it has shut down; exit through `finally`, so that the embedded
+    # server we started stops too
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _exit_cleanly)
+    try:
+        asyncio.run(_prepare(settings))
+        options = {"host": settings.host, "port": settings.port, "log_level": "info", "access_log": False,
+                   "timeout_graceful_shutdown": SHUTDOWN_GRACE_S, "proxy_headers": False, "server_header": False,
+                   "loop": "uvloop", "http": "httptools"}
+        if workers == 1:
+            uvicorn.run(create_app(settings), **options)  # type: ignore[arg-type]
+        else:
+            os.environ.update(settings.as_env())  # workers rebuild the same settings from the environment
+            uvicorn.run("edge.app:create_app_from_env", factory=True, workers=workers, **options)  # type: ignore[arg-type]
+    finally:
+        database.release()
+
+
+def _exit_cleanly(signum: int, _frame: object) -> None:
+    raise SystemExit(0)
+
+
+async def _prepare(settings: Settings) -> None:
+    """Schema and first administrator, once, before any worker starts."""
+    runtime = await asyncio.to_thread(Runtime.open, settings)
+    try:
+        created = await ensure_first_admin(runtime)
+        if created is not None:
+            announce_admin(*created)
+    finally:
+        await runtime.aclose()
+        await asyncio.to_thread(runtime.close)

@@ -57,6 +57,15 @@ class Settings:
             redis_url=e.get("LWAPI_REDIS_URL") or None,
         )
 
+    def as_env(self) -> dict[str, str]:
+        """The environment that `from_env` reads back into these settings (for worker processes)."""
+        env = {"LWAPI_DATA_DIR": str(self.data_dir), "LWAPI_HOST": self.host, "LWAPI_PORT": str(self.port),
+               "LWAPI_DB_POOL_SIZE": str(self.db_pool_size), "LWAPI_DB_TIMEOUT_S": str(int(self.db_timeout_s))}
+        optional = {"DATABASE_URL": self.database_url, "LWAPI_KEY_PEPPER": self.key_pepper_hex,
+                    "LWAPI_ADMIN_EMAIL": self.admin_email, "LWAPI_ADMIN_PASSWORD": self.admin_password,
+                    "LWAPI_REDIS_URL": self.redis_url}
+        return env | {k: v for k, v in optional.items() if v}
+
     def with_overrides(self, *, data_dir: Path | None = None, port: int | None = None,
                        host: str | None = None) -> Settings:
         return replace(

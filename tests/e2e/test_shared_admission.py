@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import httpx
 import openai
+import psycopg
 
 from domain.access import SYSTEM
 from domain.api_key import KeySettings
-from tests.e2e.conftest import Stack, start_service, stop_service
+from tests.e2e.conftest import Stack, free_port, start_service, stop_service, wait_http
 from tests.e2e.test_gateway import wait_for
 
 
@@ -94,3 +98,31 @@ def test_redis_down_degrades_to_local_admission(stack: Stack, database_url: str)
     finally:
         stop_service(service)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_two_workers_serve_and_meter_once(stack: Stack, database_url: str, redis_url: str) -> None:
+    stop_service(stack.service)
+    folder = Path(tempfile.mkdtemp(prefix="lwapi-gw.", dir="/tmp"))
+    port = free_port()
+    env = {**os.environ, "DATABASE_URL": database_url, "LWAPI_KEY_PEPPER": bytes(range(32)).hex(),
+           "LWAPI_REDIS_URL": redis_url, "LWAPI_ADMIN_EMAIL": "ops@uni.edu", "LWAPI_ADMIN_PASSWORD": "pw-123456"}
+    service = subprocess.Popen([sys.executable, "-m", "edge.cli", "serve", "--port", str(port), "--data-dir",
+                                str(folder), "--workers", "2"], env=env, text=True)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz")
+        wait_for(lambda: _ready(url, stack.secret), 5)
+        outcomes = asyncio.run(_burst([url], stack.secret, 40))
+        assert outcomes == ["ok"] * 40
+    finally:
+        stop_service(service)
+        shutil.rmtree(folder, ignore_errors=True)
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT count(*) FROM usage_request_claims").fetchone() == (40,)
+
+
+def test_several_workers_without_redis_are_refused(database_url: str) -> None:
+    env = {**os.environ, "DATABASE_URL": database_url}
+    done = subprocess.run([sys.executable, "-m", "edge.cli", "serve", "--workers", "2"], env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1 and "LWAPI_REDIS_URL" in done.stderr
