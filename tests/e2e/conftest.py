@@ -71,7 +71,11 @@ def fake_upstream() -> Iterator[str]:
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         proc.terminate()
-        proc.wait(timeout=10)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # a test left it answering a request that hangs on purpose
+            proc.kill()
+            proc.wait(timeout=5)
 
 
 def start_service(database_url: str, data_dir: Path, extra_env: dict[str, str] | None = None

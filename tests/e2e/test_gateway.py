@@ -262,3 +262,33 @@ def test_sigterm_lets_open_streams_finish_and_flushes_their_usage(stack: Stack, 
     with psycopg.connect(database_url) as conn:
         claims = conn.execute("SELECT count(*) FROM usage_request_claims").fetchone()
     assert claims == (1,)  # the spool was flushed to the event store before the process ended
+
+
+def test_upstream_timeouts_are_504_or_a_final_error_event(stack: Stack) -> None:
+    stack.app.add_model(SYSTEM, "slow", Deployment("fake", BackendKind.OPENAI, stack.upstream_url, "fake-upstream",
+                                                   timeout_ms=500), Prices(1, 1, datetime(2020, 1, 1, tzinfo=UTC)))
+    wait_for(lambda: "slow" in [m.id for m in client(stack).models.list()], 2)
+    with pytest.raises(openai.InternalServerError) as raised:
+        client(stack).chat.completions.create(model="slow", messages=[{"role": "user", "content": "x"}],
+                                              extra_body={"fake_fail": "slow_headers", "fake_sleep_s": 3})
+    assert raised.value.status_code == 504
+    started = time.monotonic()
+    with pytest.raises(openai.APIError, match="did not answer in time"):
+        for _ in client(stack).chat.completions.create(model="slow", messages=[{"role": "user", "content": "x"}],
+                                                       stream=True, extra_body={"fake_fail": "hang"}):
+            pass
+    assert time.monotonic() - started < 5
+
+
+def test_stream_without_done_ends_with_an_error_event(stack: Stack) -> None:
+    with pytest.raises(openai.APIError, match="without finishing"):
+        for _ in client(stack).chat.completions.create(model="llama", messages=[{"role": "user", "content": "x"}],
+                                                       stream=True, extra_body={"fake_fail": "no_done"}):
+            pass
+
+
+def test_malformed_upstream_json_is_502(stack: Stack) -> None:
+    with pytest.raises(openai.InternalServerError) as raised:
+        client(stack).chat.completions.create(model="llama", messages=[{"role": "user", "content": "x"}],
+                                              extra_body={"fake_fail": "malformed"})
+    assert raised.value.status_code == 502
