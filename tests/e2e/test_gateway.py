@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 from datetime import UTC, datetime
@@ -17,6 +18,7 @@ from domain.api_key import KeySettings
 from domain.catalog import BackendKind, Deployment
 from domain.pricing import Prices
 from tests.e2e.conftest import Stack
+from tests.e2e.openai_shapes import CHAT_CHUNK, CHAT_COMPLETION, EMBEDDINGS, ERROR, MODEL, MODEL_LIST, validate
 
 
 def client(stack: Stack, secret: str | None = None) -> openai.OpenAI:
@@ -292,3 +294,25 @@ def test_malformed_upstream_json_is_502(stack: Stack) -> None:
         client(stack).chat.completions.create(model="llama", messages=[{"role": "user", "content": "x"}],
                                               extra_body={"fake_fail": "malformed"})
     assert raised.value.status_code == 502
+
+
+def test_responses_match_openai_shapes(stack: Stack) -> None:
+    auth = {"Authorization": f"Bearer {stack.secret}"}
+    body = {"model": "llama", "messages": [{"role": "user", "content": "x"}]}
+    validate(httpx.post(f"{stack.base_url}/chat/completions", json=body, headers=auth).json(), CHAT_COMPLETION)
+    validate(httpx.get(f"{stack.base_url}/models", headers=auth).json(), MODEL_LIST)
+    validate(httpx.get(f"{stack.base_url}/models/llama", headers=auth).json(), MODEL)
+    validate(httpx.post(f"{stack.base_url}/embeddings", json={"model": "llama", "input": "x"}, headers=auth).json(),
+             EMBEDDINGS)
+    with httpx.stream("POST", f"{stack.base_url}/chat/completions", headers=auth,
+                      json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    for event in events[:-1]:
+        validate(json.loads(event), CHAT_CHUNK)
+    for response in (httpx.get(f"{stack.base_url}/models"),
+                     httpx.post(f"{stack.base_url}/chat/completions", json={"model": 1}, headers=auth),
+                     httpx.post(f"{stack.base_url}/chat/completions", json={**body, "model": "nope"}, headers=auth),
+                     httpx.get(f"{stack.base_url}/nowhere", headers=auth)):
+        assert response.status_code in (400, 401, 404)
+        validate(response.json(), ERROR)
