@@ -7,7 +7,7 @@ primitives (`ROW_FIELDS`) so that projections can fold a million of them without
 
 from __future__ import annotations
 
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
@@ -71,9 +71,11 @@ class UsageEntry:
         return self
 
     def to_row(self) -> Row:
-        row = list(astuple(self))
-        row[1], row[2] = self.project_id.hex, self.key_id.hex
-        return row
+        # Field by field, in ROW_FIELDS order: dataclasses.astuple deep-copies every value and cost
+        # ~17 µs of the ~20 µs per entry that recording a batch took.
+        return [self.request_id, self.project_id.hex, self.key_id.hex, self.model, self.deployment,
+                self.tokens_prompt, self.tokens_prompt_cached, self.tokens_completion, self.cost_credits,
+                self.started_at_ms, self.finished_at_ms, self.estimated]
 
     @classmethod
     def from_row(cls, row: Row) -> UsageEntry:

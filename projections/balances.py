@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from domain.project import Project
 from projections.base import SCHEMA, Conn, Logged
-from projections.usage_fold import as_uuid, sum_by, usage_rows
+from projections.usage_fold import as_uuid, totals_by
 
 _ADD = (
     f"INSERT INTO {SCHEMA}.balances AS b (project_id, granted_credits, corrections_credits, charged_credits, "
@@ -51,7 +51,7 @@ class BalancesProjection:
                 deltas.setdefault(e.originator_id, [0] * 6)[0] += e.amount_credits
             elif isinstance(e, Project.CreditsCorrected):
                 deltas.setdefault(e.originator_id, [0] * 6)[1] += e.amount_credits
-        for project_hex, t in sum_by(usage_rows(page), "project").items():
+        for project_hex, t in totals_by(page, "project").items():
             d = deltas.setdefault(as_uuid(project_hex), [0] * 6)
             d[2] += t[4]
             d[3] += t[0]

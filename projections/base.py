@@ -6,7 +6,7 @@ events inside the follower's transaction, which also moves the projection's trac
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -23,6 +23,15 @@ class Logged:
 
     position: int
     event: Any
+
+
+class Page(list[Logged]):
+    """A page of events as the follower hands it to every read model; `memo` keeps what several read
+    models derive from the same page (the usage fold) so that it is computed once per page."""
+
+    def __init__(self, items: Iterable[Logged] = ()) -> None:
+        super().__init__(items)
+        self.memo: dict[str, Any] = {}
 
 
 class Projection(Protocol):

@@ -10,6 +10,7 @@ NOTIFY wakes the follower; a poll every `poll_interval_s` covers a lost notifica
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import Sequence
@@ -23,7 +24,7 @@ from domain.accounting import APPLICATION_NAME
 from domain.errors import invariant
 from domain.transcodings import make_transcoder
 from domain.usage import UsageBatch
-from projections.base import SCHEMA, Conn, Logged, Projection
+from projections.base import SCHEMA, Conn, Logged, Page, Projection
 from projections.catalog import all_projections
 
 log = logging.getLogger(__name__)
@@ -104,16 +105,28 @@ class Follower:
         rows = await conn.fetch(_SELECT_PAGE, start, self.page_events_max)
         if not rows:
             return 0
-        page = [self._decode(r) for r in rows]
+        page = self._decode_page(rows)
         self.usage_entries_applied += sum(len(p.event.rows) for p in page if isinstance(p.event, UsageBatch.Recorded))
         for projection in self.projections:
-            unseen = [logged for logged in page if logged.position > positions[projection.name]]
+            seen = positions[projection.name]
+            unseen = page if seen < page[0].position else Page(p for p in page if p.position > seen)
             if unseen:
                 await projection.apply(conn, unseen)
         last = page[-1].position
         await conn.execute(f"UPDATE {SCHEMA}.positions SET position = greatest(position, $1)", last)
         await conn.execute("SELECT pg_notify($1, $2)", PROJECTIONS_CHANNEL, str(last))
         return len(page)
+
+    def _decode_page(self, rows: list[asyncpg.Record]) -> Page:
+        """Decoding a page allocates up to millions of lists that cannot form cycles; with the cyclic
+        GC paused meanwhile (no await in between, so nothing else runs) it takes less than half the time."""
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return Page(self._decode(r) for r in rows)
+        finally:
+            if was_enabled:
+                gc.enable()
 
     def _decode(self, row: asyncpg.Record) -> Logged:
         stored = StoredEvent(originator_id=row["originator_id"], originator_version=row["originator_version"],

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from projections.base import SCHEMA, Conn, Logged
-from projections.usage_fold import as_uuid, sum_by, usage_rows
+from projections.usage_fold import as_uuid, totals_by
 
 _ADD = (
     f"INSERT INTO {SCHEMA}.key_usage AS k SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], "
@@ -34,7 +34,7 @@ class KeyUsageProjection:
     """
 
     async def apply(self, conn: Conn, page: Sequence[Logged]) -> None:
-        totals = sum_by(usage_rows(page), "key")
+        totals = totals_by(page, "key")
         if not totals:
             return
         rows = [(as_uuid(k), as_uuid(p), t[0], t[1], t[3], t[4]) for (k, p), t in totals.items()]

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from projections.base import SCHEMA, Conn, Logged
-from projections.usage_fold import as_uuid, hour_start, sum_by, usage_rows
+from projections.usage_fold import as_uuid, hour_start, rollup_totals
 
 _ADD = (
     f"INSERT INTO {SCHEMA}.usage_rollups AS u SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], "
@@ -43,7 +43,7 @@ class UsageRollupsProjection:
     """
 
     async def apply(self, conn: Conn, page: Sequence[Logged]) -> None:
-        totals = sum_by(usage_rows(page), "rollup")
+        totals = rollup_totals(page)
         if not totals:
             return
         rows = [(as_uuid(p), as_uuid(k), m, hour_start(h), *t) for (p, k, m, h), t in totals.items()]
