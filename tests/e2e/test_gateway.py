@@ -316,3 +316,13 @@ def test_responses_match_openai_shapes(stack: Stack) -> None:
                      httpx.get(f"{stack.base_url}/nowhere", headers=auth)):
         assert response.status_code in (400, 401, 404)
         validate(response.json(), ERROR)
+
+
+def test_catalog_changes_reach_the_gateway_within_one_second(stack: Stack) -> None:
+    started = time.monotonic()
+    stack.app.add_model(SYSTEM, "fresh", Deployment("fake", BackendKind.OPENAI, stack.upstream_url, "fake-upstream"),
+                        Prices(1, 1, datetime(2020, 1, 1, tzinfo=UTC)))
+    wait_for(lambda: "fresh" in [m.id for m in client(stack).models.list()], 1.0)
+    stack.app.change_model(SYSTEM, "fresh", lambda m: m.remove())
+    wait_for(lambda: "fresh" not in [m.id for m in client(stack).models.list()], 1.0)
+    assert time.monotonic() - started < 2.5
