@@ -2,8 +2,9 @@
 response ends, and reaches the event store in batches, exactly once.
 
 Imports: stdlib, domain. Entries are appended as JSON lines to the open segment (a plain write:
-it survives a killed process; an fsync every `fsync_interval_s` bounds what a power cut can lose).
-A segment closes after `segment_entries_max` entries or `segment_age_s` seconds; closed segments are
+it survives a killed process; only a power cut can lose what was not yet fsynced).
+The background task fsyncs the open segment every `fsync_interval_s` (off the event loop). A segment
+closes after `segment_entries_max` entries or `segment_age_s` seconds; closed segments are
 recorded in order, each as one usage batch whose id derives from the spool's instance and the
 segment's number, so a segment replayed after a crash is recognised as already recorded. A segment
 file is deleted only after its batch is in the log. On start, segments left by earlier processes
@@ -69,7 +70,9 @@ class Spool:
         self._fd: int | None = None
         self._entries_in_segment = 0
         self._opened_at = 0.0
-        self._last_fsync = 0.0
+        self._dirty = False
+        self._path = self.folder / "none"
+        self._retiring: list[tuple[int, Path]] = []
         self._wake = asyncio.Event()
         self.entries_recorded = 0
 
@@ -82,29 +85,48 @@ class Spool:
         assert self._fd is not None
         os.write(self._fd, (json.dumps(entry.validate().to_row(), separators=(",", ":")) + "\n").encode())
         self._entries_in_segment += 1
-        now = time.monotonic()
-        if now - self._last_fsync >= self.fsync_interval_s:
-            os.fsync(self._fd)
-            self._last_fsync = now
+        self._dirty = True
         if self._entries_in_segment >= self.segment_entries_max:
-            self._close_segment()
+            self._retire_segment()
 
     def _open_segment(self) -> None:
         self._segment_no += 1
-        path = self.folder / f"{self._segment_no:012d}{SEGMENT_SUFFIX}.open"
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._path = self.folder / f"{self._segment_no:012d}{SEGMENT_SUFFIX}.open"
+        self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._entries_in_segment = 0
         self._opened_at = time.monotonic()
 
-    def _close_segment(self) -> None:
+    def _retire_segment(self) -> None:
+        """Stop writing to the open segment; the background task syncs, closes and completes it."""
         if self._fd is None:
             return
-        os.fsync(self._fd)
-        os.close(self._fd)
+        self._retiring.append((self._fd, self._path))
         self._fd = None
-        opened = self.folder / f"{self._segment_no:012d}{SEGMENT_SUFFIX}.open"
-        opened.rename(opened.with_suffix(""))  # drop ".open": the segment is complete
         self._wake.set()
+
+    async def _sync_open_segment(self) -> None:
+        """fsync off the event loop (it can take milliseconds), on a duplicate of the descriptor so that
+        retiring the segment meanwhile cannot make it sync — or close — another file."""
+        if self._fd is None or not self._dirty:
+            return
+        self._dirty = False
+        fd = os.dup(self._fd)
+        try:
+            await asyncio.to_thread(os.fsync, fd)
+        finally:
+            os.close(fd)
+
+    async def seal(self) -> None:
+        """Complete every segment written so far, the open one included, so that it can be recorded."""
+        self._retire_segment()
+        await self._complete_retired()
+
+    async def _complete_retired(self) -> None:
+        while self._retiring:
+            fd, path = self._retiring[0]
+            await asyncio.to_thread(os.fsync, fd)
+            self._retiring.pop(0)
+            _complete(fd, path)
 
     def depth(self) -> int:
         """Entries on disk not yet in the event store (closed segments counted by lines)."""
@@ -118,8 +140,10 @@ class Spool:
         delay = 0.1
         while True:
             stopping = stop.is_set()
+            await self._sync_open_segment()
             if self._fd is not None and (stopping or time.monotonic() - self._opened_at >= self.segment_age_s):
-                self._close_segment()
+                self._retire_segment()
+            await self._complete_retired()
             try:
                 await self.flush_closed(self.folder, self.instance)
                 delay = 0.1
@@ -132,7 +156,7 @@ class Spool:
                 return
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=min(self.segment_age_s, delay))
+                await asyncio.wait_for(self._wake.wait(), timeout=min(self.fsync_interval_s, delay))
 
     async def flush_closed(self, folder: Path, instance: uuid.UUID) -> int:
         flushed = 0
@@ -187,11 +211,18 @@ class Spool:
         return replayed
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = None
+        """Sync and complete every segment (they are recorded at the next start if not already)."""
+        self._retire_segment()
+        for fd, path in self._retiring:
+            os.fsync(fd)
+            _complete(fd, path)
+        self._retiring.clear()
         _release(self._lock)
+
+
+def _complete(fd: int, path: Path) -> None:
+    os.close(fd)
+    path.rename(path.with_suffix(""))  # drop ".open": the segment is complete
 
 
 def _read_segment(path: Path) -> list[UsageEntry]:

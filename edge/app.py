@@ -18,10 +18,11 @@ from typing import Any
 from litestar import Litestar, Request, Response, asgi, get
 from litestar.config.csrf import CSRFConfig
 from litestar.contrib.jinja import JinjaTemplateEngine
+from litestar.enums import ScopeType
 from litestar.middleware.session.server_side import ServerSideSessionConfig
 from litestar.stores.memory import MemoryStore
 from litestar.template.config import TemplateConfig
-from litestar.types import Receive, Scope, Send
+from litestar.types import ASGIApp, Receive, Scope, Send
 
 from edge.gateway.service import running_gateway
 from edge.portal.routes import portal_routes
@@ -79,7 +80,8 @@ def create_app(settings: Settings) -> Litestar:
         route_handlers=[healthz, metrics, v1, *portal_routes],
         lifespan=[lifespan],
         template_config=TemplateConfig(directory=TEMPLATES, engine=JinjaTemplateEngine),
-        middleware=[ServerSideSessionConfig(max_age=8 * 3600, httponly=True, samesite="lax").middleware],
+        middleware=[ServerSideSessionConfig(max_age=8 * 3600, httponly=True, samesite="lax",
+                                            exclude=["/v1", "/metrics", "/healthz"]).middleware],
         stores={"sessions": MemoryStore()},
         csrf_config=CSRFConfig(secret=secrets.token_urlsafe(32), exclude=["/v1", "/healthz"],
                                cookie_httponly=True, cookie_samesite="lax"),
@@ -89,9 +91,20 @@ def create_app(settings: Settings) -> Litestar:
     )
 
 
-def create_app_from_env() -> Litestar:
+def create_app_from_env() -> ASGIApp:
     """For worker processes: the settings the parent exported."""
-    return create_app(Settings.from_env())
+    return with_gateway_in_front(create_app(Settings.from_env()))
+
+
+def with_gateway_in_front(app: Litestar) -> ASGIApp:
+    """`/v1/…` goes straight to the gateway: no middleware, routing or session work per API call
+    (the Litestar mount stays for anything that reaches the app another way)."""
+    async def front(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == ScopeType.HTTP and scope["path"].startswith("/v1/"):
+            await app.state.gateway(scope, receive, send)
+        else:
+            await app(scope, receive, send)
+    return front
 
 
 def _report_follower_exit(task: asyncio.Task[None]) -> None:

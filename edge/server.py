@@ -18,7 +18,7 @@ import uvicorn
 
 from adapters.database import Database
 from domain.errors import InvalidValue
-from edge.app import announce_admin, create_app
+from edge.app import announce_admin, create_app, with_gateway_in_front
 from edge.runtime import Runtime, ensure_first_admin
 from edge.settings import Settings
 
@@ -45,7 +45,7 @@ def run(settings: Settings, workers: int = 1) -> None:
                    "timeout_graceful_shutdown": SHUTDOWN_GRACE_S, "proxy_headers": False, "server_header": False,
                    "loop": "uvloop", "http": "httptools"}
         if workers == 1:
-            uvicorn.run(create_app(settings), **options)  # type: ignore[arg-type]
+            uvicorn.run(with_gateway_in_front(create_app(settings)), **options)  # type: ignore[arg-type]
         else:
             os.environ.update(settings.as_env())  # workers rebuild the same settings from the environment
             uvicorn.run("edge.app:create_app_from_env", factory=True, workers=workers, **options)  # type: ignore[arg-type]

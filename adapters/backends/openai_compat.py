@@ -47,7 +47,9 @@ def upstream_body(payload: dict[str, Any], upstream_model: str, *, stream: bool)
 
 def build_request(client: httpx.AsyncClient, *, base_url: str, endpoint: str, body: bytes, credential: str | None,
                   timeout_s: float, request_id: str) -> httpx.Request:
-    headers = {"content-type": "application/json", "accept": "application/json", "x-request-id": request_id}
+    # identity: the relay passes bytes through and must not receive a compressed body it would not decode
+    headers = {"content-type": "application/json", "accept": "application/json", "accept-encoding": "identity",
+               "x-request-id": request_id}
     if credential:
         headers["authorization"] = f"Bearer {credential}"
     timeout = httpx.Timeout(connect=CONNECT_TIMEOUT_S, read=timeout_s, write=WRITE_TIMEOUT_S, pool=POOL_TIMEOUT_S)

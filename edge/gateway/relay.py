@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from edge.gateway import errors
-from edge.gateway.sse import StreamState, StreamTooLarge, inspect, rename_model, split_events
+from edge.gateway.sse import Renamer, StreamState, StreamTooLarge, inspect, split_events
 
 if TYPE_CHECKING:
     from edge.gateway.proxy import Call, Receive, Send
@@ -50,17 +50,14 @@ async def relay_stream(call: Call, response: httpx.Response, receive: Receive, s
 async def _pump(call: Call, response: httpx.Response, send: Send, state: StreamState) -> None:
     assert call.route is not None
     wants_usage = _wants_usage(call.payload)
-    upstream, model = call.route.upstream_model, call.model.name
+    rename = Renamer(call.route.upstream_model, call.model.name)
     failure: errors.GatewayError | None = None
     try:
         async for chunk in response.aiter_raw():
-            out = []
-            for event in split_events(state, chunk):
-                if inspect(state, event) and not wants_usage:
-                    continue
-                out.append(rename_model(event, upstream, model) + b"\n\n")
+            out = [event + b"\n\n" for event in split_events(state, chunk)
+                   if not (inspect(state, event) and not wants_usage)]
             if out:
-                await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
+                await send({"type": "http.response.body", "body": rename(b"".join(out)), "more_body": True})
             if state.done:
                 break
     except httpx.TimeoutException:

@@ -77,10 +77,19 @@ def _payload(event: bytes) -> Any:
     return None
 
 
-def rename_model(data: bytes, upstream_model: str, model: str) -> bytes:
-    """Clients see the model name they asked for, not the upstream's."""
-    if upstream_model == model:
+class Renamer:
+    """Clients see the model name they asked for, not the upstream's (patterns encoded once)."""
+
+    def __init__(self, upstream_model: str, model: str) -> None:
+        old, new = msgspec.json.encode(upstream_model), msgspec.json.encode(model)
+        self.pairs = [] if old == new else [(b'"model":' + old, b'"model":' + new),
+                                             (b'"model": ' + old, b'"model": ' + new)]
+
+    def __call__(self, data: bytes) -> bytes:
+        for old, new in self.pairs:
+            data = data.replace(old, new)
         return data
-    old = msgspec.json.encode(upstream_model)
-    new = msgspec.json.encode(model)
-    return data.replace(b'"model":' + old, b'"model":' + new).replace(b'"model": ' + old, b'"model": ' + new)
+
+
+def rename_model(data: bytes, upstream_model: str, model: str) -> bytes:
+    return Renamer(upstream_model, model)(data)

@@ -106,6 +106,7 @@ async def test_database_away_keeps_segments_and_retries(database_url: str, pg_se
     spool = Spool(tmp_path, app, segment_entries_max=10)
     for entry in entries(project, key_id, 20):
         spool.append(entry)
+    await spool.seal()
     dbname = urlsplit(database_url).path.lstrip("/")
     with psycopg.connect(pg_server_url, autocommit=True) as admin:
         admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
