@@ -2,7 +2,7 @@
 
 Imports: stdlib, httpx, msgspec. Builds the upstream request (the upstream's model name, usage
 always requested in streams, the upstream credential) and maps transport failures to OpenAI-shaped
-errors. One pooled `httpx.AsyncClient` per process serves every deployment.
+errors. One pooled client per process (`adapters.backends.http1`) serves every deployment.
 """
 
 from __future__ import annotations
@@ -12,23 +12,20 @@ from typing import Any
 import httpx
 import msgspec
 
+from adapters.backends.http1 import Http1Client, Request
+
 CONNECT_TIMEOUT_S = 5.0
 WRITE_TIMEOUT_S = 30.0
 POOL_TIMEOUT_S = 10.0
 CONNECTIONS_MAX = 1_000
-KEEPALIVE_MAX = 200
 
 _encoder = msgspec.json.Encoder()
 
 ENDPOINT_PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
 
 
-def make_client() -> httpx.AsyncClient:
-    return httpx.AsyncClient(
-        limits=httpx.Limits(max_connections=CONNECTIONS_MAX, max_keepalive_connections=KEEPALIVE_MAX),
-        timeout=httpx.Timeout(connect=CONNECT_TIMEOUT_S, read=600.0, write=WRITE_TIMEOUT_S, pool=POOL_TIMEOUT_S),
-        follow_redirects=False, trust_env=False,
-    )
+def make_client() -> Http1Client:
+    return Http1Client(connections_max=CONNECTIONS_MAX, pool_timeout_s=POOL_TIMEOUT_S)
 
 
 def upstream_url(base_url: str, endpoint: str) -> str:
@@ -45,8 +42,8 @@ def upstream_body(payload: dict[str, Any], upstream_model: str, *, stream: bool)
     return _encoder.encode(body)
 
 
-def build_request(client: httpx.AsyncClient, *, base_url: str, endpoint: str, body: bytes, credential: str | None,
-                  timeout_s: float, request_id: str) -> httpx.Request:
+def build_request(client: Http1Client, *, base_url: str, endpoint: str, body: bytes, credential: str | None,
+                  timeout_s: float, request_id: str) -> Request:
     # identity: the relay passes bytes through and must not receive a compressed body it would not decode
     headers = {"content-type": "application/json", "accept": "application/json", "accept-encoding": "identity",
                "x-request-id": request_id}

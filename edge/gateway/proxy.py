@@ -20,6 +20,7 @@ import httpx
 import msgspec
 
 from adapters.backends import openai_compat
+from adapters.backends.http1 import Http1Client, Response
 from adapters.spool import Spool
 from domain.api_key import KeyStatus, hash_secret, looks_like_secret
 from domain.catalog import BackendKind
@@ -70,7 +71,7 @@ class Call:
 
 class Gateway:
     def __init__(self, *, index: KeyIndex, catalog: Catalog, admission: Admission, spool: Spool,
-                 client: httpx.AsyncClient, pepper: bytes, metrics: Metrics) -> None:
+                 client: Http1Client, pepper: bytes, metrics: Metrics) -> None:
         self.index, self.catalog, self.admission, self.spool = index, catalog, admission, spool
         self.client, self.pepper, self.metrics = client, pepper, metrics
 
@@ -175,7 +176,7 @@ class Gateway:
         finally:
             await self._finish(call, usage, generated)
 
-    async def _open_upstream(self, call: Call) -> httpx.Response:
+    async def _open_upstream(self, call: Call) -> Response:
         """Send to the least busy deployment; on failure before any byte, try the next one."""
         failure: GatewayError = errors.upstream_unavailable()
         stream = call.payload.get("stream") is True
@@ -209,7 +210,7 @@ class Gateway:
             failure = errors.upstream_failed(502, f"The model's backend failed: {detail}")
         raise failure
 
-    async def _relay_whole(self, call: Call, response: httpx.Response, send: Send) -> tuple[dict[str, Any] | None, int]:
+    async def _relay_whole(self, call: Call, response: Response, send: Send) -> tuple[dict[str, Any] | None, int]:
         try:
             data = await _bounded(response, RESPONSE_BYTES_MAX)
         except httpx.TimeoutException:
@@ -255,7 +256,7 @@ def _model_object(model: CatalogModel) -> dict[str, Any]:
             "owned_by": "lightweight-api"}
 
 
-async def _bounded(response: httpx.Response, limit: int) -> bytes:
+async def _bounded(response: Response, limit: int) -> bytes:
     chunks, size = [], 0
     async for chunk in response.aiter_raw():
         size += len(chunk)
