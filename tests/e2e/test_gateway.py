@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime
 
@@ -17,7 +19,7 @@ from domain.access import SYSTEM
 from domain.api_key import KeySettings
 from domain.catalog import BackendKind, Deployment
 from domain.pricing import Prices
-from tests.e2e.conftest import Stack
+from tests.e2e.conftest import Stack, free_port, wait_http
 from tests.e2e.openai_shapes import CHAT_CHUNK, CHAT_COMPLETION, EMBEDDINGS, ERROR, MODEL, MODEL_LIST, validate
 
 
@@ -326,3 +328,29 @@ def test_catalog_changes_reach_the_gateway_within_one_second(stack: Stack) -> No
     stack.app.change_model(SYSTEM, "fresh", lambda m: m.remove())
     wait_for(lambda: "fresh" not in [m.id for m in client(stack).models.list()], 1.0)
     assert time.monotonic() - started < 2.5
+
+
+def test_a_backend_without_usage_reports_is_metered_with_marked_estimates(stack: Stack, database_url: str) -> None:
+    port = free_port()
+    quiet = subprocess.Popen([sys.executable, "-m", "tests.fake_upstream", "--port", str(port), "--no-usage"])
+    try:
+        wait_http(f"http://127.0.0.1:{port}/v1/models")
+        stack.app.add_model(SYSTEM, "quiet", Deployment("q", BackendKind.OPENAI, f"http://127.0.0.1:{port}/v1", "q"),
+                            Prices(1, 1, datetime(2020, 1, 1, tzinfo=UTC)))
+        wait_for(lambda: "quiet" in [m.id for m in client(stack).models.list()], 2)
+        chunks = list(client(stack).chat.completions.create(
+            model="quiet", messages=[{"role": "user", "content": "x"}], stream=True,
+            stream_options={"include_usage": True}, extra_body={"fake_tokens": 12}))
+        assert all(c.usage is None for c in chunks)  # nothing to relay: the upstream reported none
+
+        def entry() -> tuple[int, int] | None:
+            with psycopg.connect(database_url) as conn:
+                row = conn.execute("SELECT tokens_completion, estimated_requests FROM lwapi_read.usage_rollups "
+                                   "WHERE model = 'quiet'").fetchone()
+            return (row[0], row[1]) if row else None
+        wait_for(lambda: entry() is not None)
+        completion, estimated = entry()  # type: ignore[misc]
+        assert estimated == 1 and completion >= 12  # content chunks counted (the role chunk counts too)
+    finally:
+        quiet.terminate()
+        quiet.wait(timeout=10)
