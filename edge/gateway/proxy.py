@@ -227,7 +227,7 @@ class Gateway:
         assert call.route is not None
         body = rename_model(data, call.route.upstream_model, call.model.name)
         await respond(send, 200, body, call.request_id, call.ticket.headers)
-        return (usage if isinstance(usage, dict) else None), max(1, len(data) // (2 * BYTES_PER_TOKEN_ESTIMATE))
+        return (usage if isinstance(usage, dict) else None), _generated_estimate(decoded)
 
     async def _finish(self, call: Call, usage: dict[str, Any] | None, generated: int) -> None:
         """Meter once: the usage entry to the spool, the reservation settled (also after failures)."""
@@ -249,6 +249,20 @@ class Gateway:
         finally:
             self.metrics.count_tokens(call.model.name, prompt, completion)
             await self.admission.settle(call.ticket, prompt + completion, cost)
+
+
+def _generated_estimate(decoded: Any) -> int:
+    """Completion tokens, estimated from the text returned, for a backend that reports no usage."""
+    choices = decoded.get("choices") if isinstance(decoded, dict) else None
+    if not isinstance(choices, list):
+        return 1
+    chars = 0
+    for choice in choices:
+        if isinstance(choice, dict):
+            message = choice.get("message")
+            text = message.get("content") if isinstance(message, dict) else choice.get("text")
+            chars += len(text) if isinstance(text, str) else 0
+    return max(1, chars // BYTES_PER_TOKEN_ESTIMATE)
 
 
 def _model_object(model: CatalogModel) -> dict[str, Any]:
