@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import openai
@@ -354,3 +354,34 @@ def test_a_backend_without_usage_reports_is_metered_with_marked_estimates(stack:
     finally:
         quiet.terminate()
         quiet.wait(timeout=10)
+
+
+def test_keys_outside_their_validity_window_are_refused(stack: Stack) -> None:
+    now = datetime.now(UTC)
+    _, early = stack.new_key(valid_from=now + timedelta(days=1))
+    _, late = stack.new_key(valid_from=now - timedelta(days=2), valid_until=now - timedelta(days=1))
+    for secret, message in ((early, "not valid yet"), (late, "expired")):
+        def refused(secret: str = secret, message: str = message) -> bool:
+            try:
+                client(stack, secret).models.list()
+            except openai.AuthenticationError as e:
+                return message in str(e)
+            return False
+        wait_for(refused, 2)
+
+
+def test_every_response_carries_the_request_id_of_its_usage_entry(stack: Stack, database_url: str) -> None:
+    auth = {"Authorization": f"Bearer {stack.secret}"}
+    body = {"model": "llama", "messages": [{"role": "user", "content": "x"}]}
+    ok = httpx.post(f"{stack.base_url}/chat/completions", json=body, headers=auth)
+    with httpx.stream("POST", f"{stack.base_url}/chat/completions", json={**body, "stream": True}, headers=auth) as s:
+        streamed_id = s.headers["x-request-id"]
+        s.read()
+    refused = httpx.get(f"{stack.base_url}/models")
+    ids = [ok.headers["x-request-id"], streamed_id, refused.headers["x-request-id"]]
+    assert all(i.startswith("req_") for i in ids) and len(set(ids)) == 3
+
+    def claimed() -> set[str]:
+        with psycopg.connect(database_url) as conn:
+            return {r[0] for r in conn.execute("SELECT request_id FROM usage_request_claims")}
+    wait_for(lambda: {ids[0], ids[1]} <= claimed())
