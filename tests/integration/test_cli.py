@@ -106,3 +106,23 @@ def test_malformed_database_url_is_a_setup_error(tmp_path: Path) -> None:
     env = {**os.environ, "DATABASE_URL": "mysql://nope"}
     done = subprocess.run([*LWAPI, "db", "check"], env=env, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2 and "postgresql://" in done.stderr
+
+
+def test_model_catalog_commands(lwapi) -> None:
+    lwapi("model", "add", "llama-3", "--backend", "vllm", "--base-url", "http://gpu1:8000/v1", "--upstream-model",
+          "meta/llama-3", "--price-prompt", "100", "--price-completion", "300", "--api-key-env", "GPU_KEY",
+          "--description", "Llama 3")
+    lwapi("model", "deploy", "llama-3", "--backend", "vllm", "--base-url", "http://gpu2:8000/v1", "--weight", "2")
+    lwapi("model", "price", "llama-3", "--prompt", "120", "--completion", "360", "--effective-at", "2099-01-01")
+    [model] = json.loads(lwapi("model", "list", "--json").stdout)
+    assert [d["name"] for d in model["deployments"]] == ["vllm-gpu1", "vllm-gpu2"]
+    assert model["deployments"][0]["credential_ref"] == "env:GPU_KEY"
+    assert model["prices"]["prompt_per_mtok"] == 100 and len(model["price_schedule"]) == 2  # the new one is future
+    lwapi("model", "undeploy", "llama-3", "vllm-gpu1")
+    bad = lwapi("model", "add", "x", "--backend", "openai", "--base-url", "http://u:p@host/v1", ok=False)
+    assert bad.returncode == 1 and "credentials" in bad.stderr
+    dup = lwapi("model", "add", "llama-3", "--backend", "vllm", "--base-url", "http://gpu3/v1", ok=False)
+    assert dup.returncode == 1 and "already exists" in dup.stderr
+    lwapi("model", "remove", "llama-3")
+    assert json.loads(lwapi("model", "list", "--json").stdout) == []
+    assert len(json.loads(lwapi("model", "list", "--all", "--json").stdout)) == 1
