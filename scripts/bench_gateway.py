@@ -36,6 +36,13 @@ than 200, a dropped connection, a metering mismatch), not when a target is misse
     .venv/bin/python scripts/bench_gateway.py              # 2 + 10 s per phase, about 3 min
     .venv/bin/python scripts/bench_gateway.py --only ns16 --against gateway --profile /tmp/gw.prof
                                                            # one workload, the service under cProfile
+    .venv/bin/python scripts/bench_gateway.py --quick --server granian
+                                                           # the same app under granian (needs it installed)
+
+With `--server granian` the schema and the first administrator are prepared as `lwapi serve` does,
+then `python -m granian --interface asgi --factory edge.app:create_app_from_env` (one worker, uvloop,
+lifespan on) serves the same app; the figures are the worker's (`supervisor_*` and
+`rss_supervisor_mb`: granian's parent process, on the same core).
 
 Main keys: rps_c1/c16/c64 and rps_direct_* (non-streaming), cpu_us_per_request (gateway, non-streaming
 c=16), added_p50_ms_c1, streams_per_s_c16_0ms/c64_0ms (and _direct), stream_tokens_ratio_c16_5ms/c64_5ms,
@@ -45,6 +52,7 @@ added_ttft_p50_ms_c16 / _c64 (5 ms per token), rss_mb, metered_ok; `phases` hold
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import asyncio
 import contextlib
 import json
@@ -102,6 +110,13 @@ TARGETS = (  # (key, comparison, bound): the issue's targets
 )
 
 
+# `lwapi serve`'s preparation, for a server that only imports the app factory (granian)
+GRANIAN_PREPARE = (
+    "import asyncio; from edge.server import _prepare; from edge.settings import Settings; "
+    "asyncio.run(_prepare(Settings.from_env()))"
+)
+
+
 # --------------------------------------------------------------------------- processes
 
 
@@ -150,6 +165,22 @@ def core_times() -> dict[str, tuple[int, int]]:
     return out
 
 
+def child_pids(pid: int) -> list[int]:
+    """The direct children of a process (every thread's)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def granian_worker(pid: int) -> int:
+    workers = child_pids(pid)
+    if len(workers) != 1:
+        raise RuntimeError(f"granian ({pid}) has {len(workers)} child processes {workers}, expected 1 worker")
+    return workers[0]
+
+
 def rss_mb(pid: int) -> tuple[float, float]:
     """(VmRSS, VmHWM) in MB."""
     found = {}
@@ -182,6 +213,8 @@ class Stack:
     upstream_port: int
     service: subprocess.Popen[bytes]
     service_port: int
+    gateway_pid: int  # the process that serves: the service itself, or granian's worker
+    supervisor_pid: int | None  # granian's parent process
     project_id: Any
     secret: str
     data_dir: Path
@@ -227,16 +260,35 @@ def running_stack(args: argparse.Namespace, dsn: str) -> Iterator[Stack]:
         argv = [sys.executable]
         if args.profile:
             argv += ["-m", "cProfile", "-o", str(Path(args.profile).absolute())]
-        argv += ["-m", "edge.cli", "serve", "--port", str(service_port), "--data-dir", str(data_dir / "service")]
-        log(f"starting the service on port {service_port} (cpu {args.gateway_cpu}); its log: {log_path}")
+        if args.server == "granian":
+            if importlib.util.find_spec("granian") is None:
+                raise SystemExit("--server granian: granian is not installed (it is not a dependency; install it "
+                                 "into .venv with `.venv/bin/uv pip install granian` for the comparison)")
+            env |= {"LWAPI_DATA_DIR": str(data_dir / "service"), "LWAPI_PORT": str(service_port),
+                    "LWAPI_HOST": "127.0.0.1"}
+            log("preparing the schema and the first administrator (as `lwapi serve` does)")
+            subprocess.run([sys.executable, "-c", GRANIAN_PREPARE], cwd=ROOT, env=env, check=True,
+                           stdout=subprocess.DEVNULL)
+            argv += ["-m", "granian", "--interface", "asgi", "--factory", "--host", "127.0.0.1",
+                     "--port", str(service_port), "--workers", "1", "--loop", "uvloop", "--no-ws",
+                     "--log-level", "info", "--no-access-log", "edge.app:create_app_from_env"]
+        else:
+            argv += ["-m", "edge.cli", "serve", "--port", str(service_port), "--data-dir",
+                     str(data_dir / "service")]
+        log(f"starting the service ({args.server}) on port {service_port} (cpu {args.gateway_cpu}); "
+            f"its log: {log_path}")
         with log_path.open("wb") as out:
             service = subprocess.Popen(pinned(args.gateway_cpu, argv), cwd=ROOT, env=env, stdout=out,
                                        stderr=subprocess.STDOUT)
         wait_http(f"http://127.0.0.1:{service_port}/healthz", STARTUP_TIMEOUT_S, service)
         wait_http(f"http://127.0.0.1:{service_port}/v1/models", STARTUP_TIMEOUT_S, service,
                   headers={"Authorization": f"Bearer {secret}"}, until=f'"{MODEL}"')
-        log(f"the gateway lists the model; its RSS now {rss_mb(service.pid)[0]} MB")
-        yield Stack(dsn, upstream, upstream_port, service, service_port, project, secret, data_dir, log_path)
+        gateway_pid, supervisor_pid = service.pid, None
+        if args.server == "granian":
+            gateway_pid, supervisor_pid = granian_worker(service.pid), service.pid
+        log(f"the gateway lists the model; its RSS now {rss_mb(gateway_pid)[0]} MB (pid {gateway_pid})")
+        yield Stack(dsn, upstream, upstream_port, service, service_port, gateway_pid, supervisor_pid, project,
+                    secret, data_dir, log_path)
     except BaseException:
         if log_path.exists():
             log("service log tail:\n" + "\n".join(log_path.read_text(errors="replace").splitlines()[-30:]))
@@ -309,7 +361,10 @@ def summarize(result: loadgen.PhaseResult, stream: bool, gateway_core: str, clie
 
 
 async def run_phases(args: argparse.Namespace, stack: Stack) -> dict[str, dict[str, Any]]:
-    sampler = Sampler({"upstream": stack.upstream.pid, "gateway": stack.service.pid})
+    pids = {"upstream": stack.upstream.pid, "gateway": stack.gateway_pid}
+    if stack.supervisor_pid is not None:
+        pids["supervisor"] = stack.supervisor_pid
+    sampler = Sampler(pids)
     phases: dict[str, dict[str, Any]] = {}
     auth = {"Authorization": f"Bearer {stack.secret}"}
     for name in args.only:
@@ -434,7 +489,8 @@ async def run(args: argparse.Namespace, stack: Stack) -> tuple[dict[str, Any], l
                             f"{f['incomplete_streams']} streams without [DONE]")
         if "tokens_per_stream" in f and set(f["tokens_per_stream"]) - {str(STREAM_TOKENS)}:
             failures.append(f"{key}: tokens per stream → streams {f['tokens_per_stream']}, expected {STREAM_TOKENS}")
-    rss, hwm = rss_mb(stack.service.pid)
+    rss, hwm = rss_mb(stack.gateway_pid)
+    rss_supervisor = rss_mb(stack.supervisor_pid)[0] if stack.supervisor_pid is not None else None
     log(f"gateway RSS {rss} MB (peak {hwm} MB); waiting for {gateway_ok:,} requests to be metered")
     balance, waited = await metered(stack.dsn, stack.project_id, gateway_ok)
     log(f"balance after {waited:.1f} s: {balance}")
@@ -447,7 +503,8 @@ async def run(args: argparse.Namespace, stack: Stack) -> tuple[dict[str, Any], l
                         f"expected {expected_completion}")
     figures = headline(phases)
     figures |= {
-        "rss_mb": rss, "rss_peak_mb": hwm, "metered_ok": metered_ok and tokens_ok,
+        "server": args.server, "rss_mb": rss, "rss_peak_mb": hwm, "rss_supervisor_mb": rss_supervisor,
+        "metered_ok": metered_ok and tokens_ok,
         "gateway_requests_ok": gateway_ok, "metered_requests": balance.get("requests"),
         "metered_completion_tokens": balance.get("tokens_completion"),
         "expected_completion_tokens": expected_completion, "metering_wait_s": round(waited, 2),
@@ -474,6 +531,8 @@ def main() -> int:
     parser.add_argument("--client-cpu", type=int, default=1,
                         help="the core of the upstream, the load generator and the embedded PostgreSQL (default 1)")
     parser.add_argument("--profile", default=None, help="run the service under cProfile, writing this file")
+    parser.add_argument("--server", choices=["uvicorn", "granian"], default="uvicorn",
+                        help="what serves the app: `lwapi serve` (uvicorn, the default) or granian")
     args = parser.parse_args()
     unknown = [w for w in args.only if w not in WORKLOADS]
     if unknown:
@@ -484,6 +543,8 @@ def main() -> int:
         args.duration_s = 3.0 if args.quick else 10.0
     if args.warmup_s is None:
         args.warmup_s = 0.5 if args.quick else 2.0
+    if args.profile and args.server != "uvicorn":
+        parser.error("--profile profiles `lwapi serve` (uvicorn) only")
     if shutil.which("taskset") is None:
         parser.error("taskset (util-linux) is needed to pin the processes")
     if args.gateway_cpu == args.client_cpu or not {args.gateway_cpu, args.client_cpu} <= os.sched_getaffinity(0):
