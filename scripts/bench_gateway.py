@@ -52,9 +52,9 @@ added_ttft_p50_ms_c16 / _c64 (5 ms per token), rss_mb, metered_ok; `phases` hold
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -261,9 +261,6 @@ def running_stack(args: argparse.Namespace, dsn: str) -> Iterator[Stack]:
         if args.profile:
             argv += ["-m", "cProfile", "-o", str(Path(args.profile).absolute())]
         if args.server == "granian":
-            if importlib.util.find_spec("granian") is None:
-                raise SystemExit("--server granian: granian is not installed (it is not a dependency; install it "
-                                 "into .venv with `.venv/bin/uv pip install granian` for the comparison)")
             env |= {"LWAPI_DATA_DIR": str(data_dir / "service"), "LWAPI_PORT": str(service_port),
                     "LWAPI_HOST": "127.0.0.1"}
             log("preparing the schema and the first administrator (as `lwapi serve` does)")
@@ -537,6 +534,9 @@ def main() -> int:
     unknown = [w for w in args.only if w not in WORKLOADS]
     if unknown:
         parser.error(f"unknown workloads {unknown}; choose from {list(WORKLOADS)}")
+    if args.server == "granian" and importlib.util.find_spec("granian") is None:
+        parser.error("granian is not installed (it is not a dependency); for the comparison install it into .venv "
+                     "with `.venv/bin/uv pip install granian`")
     if not args.against or set(args.against) - {"direct", "gateway"}:
         parser.error("--against takes direct, gateway or both (comma-separated)")
     if args.duration_s is None:
