@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import httptools
@@ -26,6 +26,16 @@ KEEPALIVE_PER_HOST_MAX = 200
 POOL_TIMEOUT_S = 10.0
 
 Origin = tuple[str, str, int]  # scheme, host, port
+
+
+class UpstreamResponse(Protocol):
+    """What the gateway reads from any upstream answer (this module's, or a translating adapter's)."""
+
+    status_code: int
+
+    def aiter_raw(self) -> AsyncIterator[bytes]: ...
+
+    async def aclose(self) -> None: ...
 
 
 class Request:

@@ -42,7 +42,7 @@ def upstream_body(payload: dict[str, Any], upstream_model: str, *, stream: bool)
     return _encoder.encode(body)
 
 
-def build_request(client: Http1Client, *, base_url: str, endpoint: str, body: bytes, credential: str | None,
+def build_request(client: Http1Client, *, url: str, body: bytes, credential: str | None,
                   timeout_s: float, request_id: str) -> Request:
     # identity: the relay passes bytes through and must not receive a compressed body it would not decode
     headers = {"content-type": "application/json", "accept": "application/json", "accept-encoding": "identity",
@@ -50,8 +50,7 @@ def build_request(client: Http1Client, *, base_url: str, endpoint: str, body: by
     if credential:
         headers["authorization"] = f"Bearer {credential}"
     timeout = httpx.Timeout(connect=CONNECT_TIMEOUT_S, read=timeout_s, write=WRITE_TIMEOUT_S, pool=POOL_TIMEOUT_S)
-    return client.build_request("POST", upstream_url(base_url, endpoint), content=body, headers=headers,
-                                timeout=timeout)
+    return client.build_request("POST", url, content=body, headers=headers, timeout=timeout)
 
 
 def error_message(status: int, body: bytes) -> str:

@@ -19,8 +19,8 @@ from typing import Any
 import httpx
 import msgspec
 
-from adapters.backends import openai_compat
-from adapters.backends.http1 import Http1Client, Response
+from adapters.backends import ollama, openai_compat
+from adapters.backends.http1 import Http1Client, UpstreamResponse
 from adapters.spool import Spool
 from domain.api_key import KeyStatus, hash_secret, looks_like_secret
 from domain.catalog import BackendKind
@@ -176,21 +176,24 @@ class Gateway:
         finally:
             await self._finish(call, usage, generated)
 
-    async def _open_upstream(self, call: Call) -> Response:
+    async def _open_upstream(self, call: Call) -> UpstreamResponse:
         """Send to the least busy deployment; on failure before any byte, try the next one."""
         failure: GatewayError = errors.upstream_unavailable()
         stream = call.payload.get("stream") is True
         for route in call.model.ranked_routes()[:ATTEMPTS_MAX]:
-            if route.backend is BackendKind.OLLAMA:
-                failure = errors.upstream_unavailable("This model's Ollama deployment cannot be reached yet.")
-                continue
-            request = openai_compat.build_request(
-                self.client, base_url=route.base_url, endpoint=call.endpoint,
-                body=openai_compat.upstream_body(call.payload, route.upstream_model, stream=stream),
-                credential=route.credential(), timeout_s=route.timeout_s, request_id=call.request_id)
+            ollama_api = route.backend is BackendKind.OLLAMA
+            try:
+                url, body = _upstream_call(route, call, stream=stream)
+            except ollama.UnsupportedRequest as e:
+                raise errors.bad_request(str(e)) from None
+            request = openai_compat.build_request(self.client, url=url, body=body, credential=route.credential(),
+                                                  timeout_s=route.timeout_s, request_id=call.request_id)
             route.in_flight += 1
             try:
-                response = await self.client.send(request, stream=True)
+                response: UpstreamResponse = await self.client.send(request, stream=True)
+                if ollama_api:
+                    response = ollama.OllamaResponse(response, call.endpoint, stream=stream,
+                                                     model=route.upstream_model, request_id=call.request_id)
             except httpx.TimeoutException:
                 route.in_flight -= 1
                 failure = errors.upstream_timeout()
@@ -210,7 +213,8 @@ class Gateway:
             failure = errors.upstream_failed(502, f"The model's backend failed: {detail}")
         raise failure
 
-    async def _relay_whole(self, call: Call, response: Response, send: Send) -> tuple[dict[str, Any] | None, int]:
+    async def _relay_whole(self, call: Call, response: UpstreamResponse,
+                           send: Send) -> tuple[dict[str, Any] | None, int]:
         try:
             data = await _bounded(response, RESPONSE_BYTES_MAX)
         except httpx.TimeoutException:
@@ -251,6 +255,15 @@ class Gateway:
             await self.admission.settle(call.ticket, prompt + completion, cost)
 
 
+def _upstream_call(route: Route, call: Call, *, stream: bool) -> tuple[str, bytes]:
+    """The URL and body for this deployment's API: OpenAI-compatible, or Ollama's native one."""
+    if route.backend is BackendKind.OLLAMA:
+        return route.base_url + ollama.PATHS[call.endpoint], ollama.upstream_body(call.payload, call.endpoint,
+                                                                                 route.upstream_model)
+    return (openai_compat.upstream_url(route.base_url, call.endpoint),
+            openai_compat.upstream_body(call.payload, route.upstream_model, stream=stream))
+
+
 def _generated_estimate(decoded: Any) -> int:
     """Completion tokens, estimated from the text returned, for a backend that reports no usage."""
     choices = decoded.get("choices") if isinstance(decoded, dict) else None
@@ -270,7 +283,7 @@ def _model_object(model: CatalogModel) -> dict[str, Any]:
             "owned_by": "lightweight-api"}
 
 
-async def _bounded(response: Response, limit: int) -> bytes:
+async def _bounded(response: UpstreamResponse, limit: int) -> bytes:
     chunks, size = [], 0
     async for chunk in response.aiter_raw():
         size += len(chunk)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from adapters.backends.http1 import Response
+from adapters.backends.http1 import UpstreamResponse
 from edge.gateway import errors
 from edge.gateway.sse import Renamer, StreamState, StreamTooLarge, inspect, split_events
 
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 COUNT_MAX = 10**9
 
 
-async def relay_stream(call: Call, response: Response, receive: Receive, send: Send,
+async def relay_stream(call: Call, response: UpstreamResponse, receive: Receive, send: Send,
                        headers: dict[str, str]) -> tuple[dict[str, Any] | None, int]:
     """Relay until the upstream ends or the client leaves; returns (usage reported, content events)."""
     state = StreamState()
@@ -48,7 +48,7 @@ async def relay_stream(call: Call, response: Response, receive: Receive, send: S
     return state.usage, state.content_events
 
 
-async def _pump(call: Call, response: Response, send: Send, state: StreamState) -> None:
+async def _pump(call: Call, response: UpstreamResponse, send: Send, state: StreamState) -> None:
     assert call.route is not None
     wants_usage = _wants_usage(call.payload)
     rename = Renamer(call.route.upstream_model, call.model.name)
