@@ -12,7 +12,8 @@ from urllib.parse import urlsplit
 import click
 
 from domain.access import SYSTEM
-from domain.catalog import BackendKind, Deployment
+from domain.catalog import BackendKind, Deployment, ModelExists
+from domain.errors import InvalidValue
 from domain.pricing import Prices
 from edge import queries
 from edge.cli_support import emit, handles_errors, parse_time, read, runtime, table
@@ -151,3 +152,61 @@ def model_undeploy(ctx: click.Context, name: str, deployment: str) -> None:
     with runtime(ctx) as rt:
         rt.accounting.change_model(SYSTEM, name, lambda m: m.remove_deployment(deployment))
     click.echo(f"model {name}: deployment {deployment} removed")
+
+
+DISCOVERY_TIMEOUT_S = 10.0
+
+
+def discover_models(url: str, backend: str | None) -> tuple[BackendKind, str, list[str]]:
+    """(backend, base URL, model names) of a running server: Ollama's /api/tags or OpenAI's /v1/models."""
+    import httpx  # noqa: PLC0415 - only this command talks to upstreams directly
+
+    root = url.rstrip("/")
+    attempts = []
+    if backend in (None, "ollama"):
+        attempts.append((BackendKind.OLLAMA, root.removesuffix("/v1"), "/api/tags"))
+    if backend in (None, "vllm", "openai"):
+        base = root if root.endswith("/v1") else root + "/v1"
+        attempts.append((BackendKind(backend or "openai"), base, "/models"))
+    for kind, base, path in attempts:
+        try:
+            answer = httpx.get(base + path, timeout=DISCOVERY_TIMEOUT_S)
+            body = answer.json()
+        except (httpx.HTTPError, ValueError):
+            continue
+        if answer.status_code == 200 and kind is BackendKind.OLLAMA and isinstance(body.get("models"), list):
+            return kind, base, [m["name"] for m in body["models"] if isinstance(m, dict) and "name" in m]
+        if answer.status_code == 200 and isinstance(body.get("data"), list):
+            return kind, base, [m["id"] for m in body["data"] if isinstance(m, dict) and "id" in m]
+    raise click.ClickException(f"no Ollama or OpenAI-compatible model list answered at {url}")
+
+
+@model.command("discover")
+@click.argument("url")
+@click.option("--backend", type=click.Choice([b.value for b in BackendKind]), default=None,
+              help="What the server is (default: try Ollama's API, then OpenAI's).")
+@click.option("--api-key-env", default=None, help="Environment variable holding the upstream key.")
+@click.option("--price-prompt", type=int, default=0, show_default=True)
+@click.option("--price-completion", type=int, default=0, show_default=True)
+@click.pass_context
+@handles_errors
+def model_discover(ctx: click.Context, url: str, backend: str | None, api_key_env: str | None, price_prompt: int,
+                   price_completion: int) -> None:
+    """Add every model a running vLLM, Ollama or OpenAI-compatible server offers (existing names are skipped)."""
+    kind, base, names = discover_models(url, backend)
+    prices = _prices(price_prompt, price_completion, None, None)
+    added, skipped = [], []
+    with runtime(ctx) as rt:
+        for name in names:
+            deployment = Deployment(name=f"{kind.value}-{urlsplit(base).hostname or 'upstream'}"[:63], backend=kind,
+                                    base_url=base, upstream_model=name,
+                                    credential_ref=f"env:{api_key_env}" if api_key_env else None)
+            try:
+                rt.accounting.add_model(SYSTEM, name, deployment, prices)  # clients use the server's own name
+                added.append(name)
+            except (ModelExists, InvalidValue) as e:
+                skipped.append(f"{name} ({e})")
+    click.echo(f"{len(added)} model(s) added from {base} ({kind.value}): {', '.join(added) or '-'}")
+    for line in skipped:
+        click.echo(f"skipped {line}", err=True)
+

@@ -126,3 +126,30 @@ def test_model_catalog_commands(lwapi) -> None:
     lwapi("model", "remove", "llama-3")
     assert json.loads(lwapi("model", "list", "--json").stdout) == []
     assert len(json.loads(lwapi("model", "list", "--all", "--json").stdout)) == 1
+
+
+def test_model_discover_adds_what_running_servers_offer(lwapi) -> None:
+    from tests.e2e.conftest import free_port, wait_http  # noqa: PLC0415
+
+    servers = []
+    try:
+        for module in ("tests.fake_upstream", "tests.fake_ollama"):
+            port = free_port()
+            servers.append((subprocess.Popen([sys.executable, "-m", module, "--port", str(port)]), port))
+        wait_http(f"http://127.0.0.1:{servers[0][1]}/v1/models")
+        wait_http(f"http://127.0.0.1:{servers[1][1]}/api/tags")
+        openai_like = lwapi("model", "discover", f"http://127.0.0.1:{servers[0][1]}", "--backend", "vllm")
+        assert "1 model(s) added" in openai_like.stdout
+        ollama = lwapi("model", "discover", f"http://127.0.0.1:{servers[1][1]}", "--price-completion", "5")
+        assert "(ollama)" in ollama.stdout and "llama3.2:1b" in ollama.stdout
+        again = lwapi("model", "discover", f"http://127.0.0.1:{servers[1][1]}")
+        assert "0 model(s) added" in again.stdout and "already exists" in again.stderr
+        models = {m["name"]: m for m in json.loads(lwapi("model", "list", "--json").stdout)}
+        assert models["fake"]["deployments"][0]["backend"] == "vllm"
+        assert models["llama3.2:1b"]["deployments"][0]["base_url"] == f"http://127.0.0.1:{servers[1][1]}"
+        nothing = lwapi("model", "discover", "http://127.0.0.1:9", ok=False)
+        assert nothing.returncode != 0 and "no Ollama or OpenAI-compatible" in nothing.stderr
+    finally:
+        for proc, _ in servers:
+            proc.terminate()
+            proc.wait(timeout=10)
