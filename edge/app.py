@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -64,8 +65,13 @@ def create_app(settings: Settings) -> Litestar:
         """Prometheus metrics: not behind a user key (bind the service to a private address)."""
         gateway = request.app.state.gateway
         runtime = request.app.state.runtime
+        now = time.monotonic()
+        routes = [(m, r) for m in gateway.catalog.models.values() for r in m.routes]
         lines = [f'lwapi_upstream_in_flight{{model="{m.name}",deployment="{r.name}"}} {r.in_flight}'
-                 for m in gateway.catalog.models.values() for r in m.routes]
+                 for m, r in routes]
+        lines += ["# TYPE lwapi_upstream_up gauge"] + [
+            f'lwapi_upstream_up{{model="{m.name}",deployment="{r.name}"}} {int(r.in_rotation(now))}'
+            for m, r in routes]
         head = await runtime.follower.head()
         lag = head - min((await runtime.follower.positions()).values(), default=0)
         extra = ["# TYPE lwapi_upstream_in_flight gauge", *lines, "# TYPE lwapi_projection_lag_events gauge",

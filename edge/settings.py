@@ -40,6 +40,8 @@ class Settings:
     """Timeout for connecting and for each database command (LWAPI_DB_TIMEOUT_S)."""
     redis_url: str | None = None
     """Redis shared by several gateway processes for rate limits and reservations (LWAPI_REDIS_URL)."""
+    health_interval_s: float = 10.0
+    """How often every deployment is probed (LWAPI_HEALTH_INTERVAL_S)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -55,12 +57,14 @@ class Settings:
             db_pool_size=_int(e, "LWAPI_DB_POOL_SIZE", 10, 2, 200),
             db_timeout_s=float(_int(e, "LWAPI_DB_TIMEOUT_S", 30, 1, 3600)),
             redis_url=e.get("LWAPI_REDIS_URL") or None,
+            health_interval_s=float(_int(e, "LWAPI_HEALTH_INTERVAL_S", 10, 1, 3600)),
         )
 
     def as_env(self) -> dict[str, str]:
         """The environment that `from_env` reads back into these settings (for worker processes)."""
         env = {"LWAPI_DATA_DIR": str(self.data_dir), "LWAPI_HOST": self.host, "LWAPI_PORT": str(self.port),
-               "LWAPI_DB_POOL_SIZE": str(self.db_pool_size), "LWAPI_DB_TIMEOUT_S": str(int(self.db_timeout_s))}
+               "LWAPI_DB_POOL_SIZE": str(self.db_pool_size), "LWAPI_DB_TIMEOUT_S": str(int(self.db_timeout_s)),
+               "LWAPI_HEALTH_INTERVAL_S": str(int(self.health_interval_s))}
         optional = {"DATABASE_URL": self.database_url, "LWAPI_KEY_PEPPER": self.key_pepper_hex,
                     "LWAPI_ADMIN_EMAIL": self.admin_email, "LWAPI_ADMIN_PASSWORD": self.admin_password,
                     "LWAPI_REDIS_URL": self.redis_url}

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -41,6 +42,11 @@ class Route:
     weight: int
     timeout_s: float
     in_flight: int = 0
+    failures: int = 0
+    out_until: float = 0.0  # time.monotonic() until which the deployment is out of rotation
+
+    def in_rotation(self, now: float) -> bool:
+        return now >= self.out_until
 
     def credential(self) -> str | None:
         """Read at use: a rotated secret takes effect without a restart; never logged."""
@@ -66,14 +72,20 @@ class CatalogModel:
         return price_at(self.prices, moment)
 
     def ranked_routes(self) -> list[Route]:
-        return sorted(self.routes, key=lambda r: (r.in_flight / r.weight, -r.weight))
+        """Healthy deployments first, least busy (per weight) first; the ones out of rotation last."""
+        now = time.monotonic()
+        return sorted(self.routes, key=lambda r: (not r.in_rotation(now), r.in_flight / r.weight, -r.weight))
 
 
 def _model(row: asyncpg.Record, old: CatalogModel | None) -> CatalogModel:
-    in_flight = {r.name: r.in_flight for r in old.routes} if old else {}
-    routes = [Route(d["name"], BackendKind(d["backend"]), d["base_url"], d["upstream_model"], d["credential_ref"],
-                    d["weight"], d["timeout_ms"] / 1000, in_flight.get(d["name"], 0))
-              for d in json.loads(row["deployments"])]
+    kept = {r.name: r for r in old.routes} if old else {}
+    routes = []
+    for d in json.loads(row["deployments"]):
+        route = Route(d["name"], BackendKind(d["backend"]), d["base_url"], d["upstream_model"], d["credential_ref"],
+                      d["weight"], d["timeout_ms"] / 1000)
+        if (before := kept.get(route.name)) is not None:  # a reload keeps what this process knows of it
+            route.in_flight, route.failures, route.out_until = before.in_flight, before.failures, before.out_until
+        routes.append(route)
     prices = [Prices(p["prompt_per_mtok"], p["completion_per_mtok"], datetime.fromisoformat(p["effective_at"]),
                      p["cached_prompt_per_mtok"]) for p in json.loads(row["price_schedule"])]
     return CatalogModel(row["name"], row["description"], row["created_at"], routes, prices)

@@ -25,7 +25,7 @@ from adapters.spool import Spool
 from domain.api_key import KeyStatus, hash_secret, looks_like_secret
 from domain.catalog import BackendKind
 from domain.usage import UsageEntry
-from edge.gateway import errors
+from edge.gateway import errors, health
 from edge.gateway.admission import Admission, Ticket
 from edge.gateway.catalog import Catalog, CatalogModel, Route
 from edge.gateway.errors import GatewayError
@@ -196,13 +196,16 @@ class Gateway:
                                                      model=route.upstream_model, request_id=call.request_id)
             except httpx.TimeoutException:
                 route.in_flight -= 1
+                health.mark_failed(route)
                 failure = errors.upstream_timeout()
                 continue
             except httpx.TransportError:
                 route.in_flight -= 1
+                health.mark_failed(route)
                 failure = errors.upstream_unavailable()
                 continue
             if response.status_code < 400:
+                health.mark_healthy(route)
                 call.route = route
                 return response
             detail = openai_compat.error_message(response.status_code, await _bounded(response, 65_536))
@@ -210,6 +213,7 @@ class Gateway:
             route.in_flight -= 1
             if response.status_code < 500:
                 raise GatewayError(response.status_code, detail, "invalid_request_error", None)
+            health.mark_failed(route)
             failure = errors.upstream_failed(502, f"The model's backend failed: {detail}")
         raise failure
 

@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from adapters.backends.openai_compat import make_client
 from adapters.redis_admission import RedisAdmissionStore
 from adapters.spool import FlushedBatch, Spool
+from edge.gateway import health
 from edge.gateway.admission import Admission, LocalAdmission, SharedAdmission
 from edge.gateway.catalog import Catalog
 from edge.gateway.key_index import KeyIndex
@@ -59,7 +60,9 @@ async def running_gateway(runtime: Runtime) -> AsyncIterator[Gateway]:
     stop, spool_stop = asyncio.Event(), asyncio.Event()
     tasks = [asyncio.create_task(index.follow(stop), name="key-index"),
              asyncio.create_task(catalog.follow(stop), name="catalog"),
-             asyncio.create_task(spool.run(spool_stop), name="usage-spool")]
+             asyncio.create_task(spool.run(spool_stop), name="usage-spool"),
+             asyncio.create_task(health.watch(catalog, client, stop, runtime.settings.health_interval_s),
+                                 name="deployment-health")]
     try:
         yield gateway
     finally:

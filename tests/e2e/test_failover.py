@@ -1,0 +1,53 @@
+"""Deployments: a failing one leaves the rotation at once, a probe brings it back."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+
+from domain.access import SYSTEM
+from domain.catalog import BackendKind, Deployment
+from domain.pricing import Prices
+from tests.e2e.conftest import Stack, free_port, start_service, stop_service, wait_http
+from tests.e2e.test_gateway import client, wait_for
+
+
+def up(base_url: str, deployment: str) -> str | None:
+    for line in httpx.get(base_url.removesuffix("/v1") + "/metrics").text.splitlines():
+        if line.startswith(f'lwapi_upstream_up{{model="ha",deployment="{deployment}"}}'):
+            return line.rsplit(" ", 1)[1]
+    return None
+
+
+def test_failed_deployment_leaves_rotation_and_returns_when_healthy(stack: Stack, database_url: str) -> None:
+    stop_service(stack.service)
+    folder = Path(tempfile.mkdtemp(prefix="lwapi-gw.", dir="/tmp"))
+    service, base_url = start_service(database_url, folder, {"LWAPI_HEALTH_INTERVAL_S": "1"})
+    stack.base_url = base_url
+    dead_port = free_port()
+    stack.app.add_model(SYSTEM, "ha", Deployment("dead", BackendKind.OPENAI, f"http://127.0.0.1:{dead_port}/v1",
+                                                 "fake-upstream", weight=10),
+                        Prices(1, 1, datetime(2020, 1, 1, tzinfo=UTC)))
+    stack.app.change_model(SYSTEM, "ha", lambda m: m.add_deployment(
+        Deployment("live", BackendKind.OPENAI, stack.upstream_url, "fake-upstream", weight=1)))
+    revived = None
+    try:
+        wait_for(lambda: "ha" in [m.id for m in client(stack).models.list()], 2)
+        for _ in range(5):  # the preferred deployment is down: every request still succeeds, on the other
+            assert client(stack).chat.completions.create(model="ha", messages=[{"role": "user", "content": "x"}])
+        assert up(base_url, "dead") == "0" and up(base_url, "live") == "1"
+        revived = subprocess.Popen([sys.executable, "-m", "tests.fake_upstream", "--port", str(dead_port)])
+        wait_http(f"http://127.0.0.1:{dead_port}/v1/models")
+        wait_for(lambda: up(base_url, "dead") == "1", 5)  # the probe brings it back
+    finally:
+        if revived is not None:
+            revived.terminate()
+            revived.wait(timeout=10)
+        stop_service(service)
+        shutil.rmtree(folder, ignore_errors=True)
