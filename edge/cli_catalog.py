@@ -6,6 +6,7 @@ Imports: everything inward.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -16,6 +17,7 @@ from domain.catalog import BackendKind, Deployment, ModelExists
 from domain.errors import InvalidValue
 from domain.pricing import Prices
 from edge import queries
+from edge.catalog_file import apply_catalog_file
 from edge.cli_support import emit, handles_errors, parse_time, read, runtime, table
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -210,3 +212,14 @@ def model_discover(ctx: click.Context, url: str, backend: str | None, api_key_en
     for line in skipped:
         click.echo(f"skipped {line}", err=True)
 
+
+
+@model.command("apply")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.pass_context
+@handles_errors
+def model_apply(ctx: click.Context, path: Path) -> None:
+    """Bring the catalog up to a TOML file: adds models and deployments, records price changes."""
+    with runtime(ctx) as rt:
+        changes = apply_catalog_file(rt.accounting, SYSTEM, path)
+    click.echo("\n".join(changes) if changes else "catalog already matches the file")

@@ -17,8 +17,10 @@ import signal
 import uvicorn
 
 from adapters.database import Database
+from domain.access import SYSTEM
 from domain.errors import InvalidValue
 from edge.app import announce_admin, create_app, with_gateway_in_front
+from edge.catalog_file import apply_catalog_file
 from edge.runtime import Runtime, ensure_first_admin
 from edge.settings import Settings
 
@@ -64,6 +66,10 @@ async def _prepare(settings: Settings) -> None:
         created = await ensure_first_admin(runtime)
         if created is not None:
             announce_admin(*created)
+        if settings.catalog_file is not None:
+            changes = await asyncio.to_thread(apply_catalog_file, runtime.accounting, SYSTEM, settings.catalog_file)
+            logging.getLogger("lwapi").info("catalog file %s: %s", settings.catalog_file,
+                                            "; ".join(changes) or "no change")
     finally:
         await runtime.aclose()
         await asyncio.to_thread(runtime.close)

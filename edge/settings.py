@@ -42,6 +42,8 @@ class Settings:
     """Redis shared by several gateway processes for rate limits and reservations (LWAPI_REDIS_URL)."""
     health_interval_s: float = 10.0
     """How often every deployment is probed (LWAPI_HEALTH_INTERVAL_S)."""
+    catalog_file: Path | None = None
+    """A TOML model catalog applied at start (LWAPI_CATALOG_FILE); see edge/catalog_file.py."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -58,6 +60,7 @@ class Settings:
             db_timeout_s=float(_int(e, "LWAPI_DB_TIMEOUT_S", 30, 1, 3600)),
             redis_url=e.get("LWAPI_REDIS_URL") or None,
             health_interval_s=float(_int(e, "LWAPI_HEALTH_INTERVAL_S", 10, 1, 3600)),
+            catalog_file=Path(e["LWAPI_CATALOG_FILE"]).absolute() if e.get("LWAPI_CATALOG_FILE") else None,
         )
 
     def as_env(self) -> dict[str, str]:
@@ -67,7 +70,8 @@ class Settings:
                "LWAPI_HEALTH_INTERVAL_S": str(int(self.health_interval_s))}
         optional = {"DATABASE_URL": self.database_url, "LWAPI_KEY_PEPPER": self.key_pepper_hex,
                     "LWAPI_ADMIN_EMAIL": self.admin_email, "LWAPI_ADMIN_PASSWORD": self.admin_password,
-                    "LWAPI_REDIS_URL": self.redis_url}
+                    "LWAPI_REDIS_URL": self.redis_url,
+                    "LWAPI_CATALOG_FILE": str(self.catalog_file) if self.catalog_file else None}
         return env | {k: v for k, v in optional.items() if v}
 
     def with_overrides(self, *, data_dir: Path | None = None, port: int | None = None,

@@ -51,3 +51,28 @@ def test_failed_deployment_leaves_rotation_and_returns_when_healthy(stack: Stack
             revived.wait(timeout=10)
         stop_service(service)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_catalog_file_is_applied_at_start(stack: Stack, database_url: str, tmp_path: Path) -> None:
+    stop_service(stack.service)
+    catalog = tmp_path / "catalog.toml"
+    catalog.write_text(f"""
+[[models]]
+name = "from-file"
+price_prompt = 1
+price_completion = 2
+[[models.deployments]]
+name = "fake"
+backend = "openai"
+base_url = "{stack.upstream_url}"
+upstream_model = "fake-upstream"
+""")
+    folder = Path(tempfile.mkdtemp(prefix="lwapi-gw.", dir="/tmp"))
+    service, base_url = start_service(database_url, folder, {"LWAPI_CATALOG_FILE": str(catalog)})
+    stack.base_url = base_url
+    try:
+        wait_for(lambda: "from-file" in [m.id for m in client(stack).models.list()], 2)
+        assert client(stack).chat.completions.create(model="from-file", messages=[{"role": "user", "content": "x"}])
+    finally:
+        stop_service(service)
+        shutil.rmtree(folder, ignore_errors=True)

@@ -153,3 +153,38 @@ def test_model_discover_adds_what_running_servers_offer(lwapi) -> None:
         for proc, _ in servers:
             proc.terminate()
             proc.wait(timeout=10)
+
+
+def test_model_apply_brings_the_catalog_up_to_a_file(lwapi, tmp_path: Path) -> None:
+    catalog = tmp_path / "catalog.toml"
+    text = """
+[[models]]
+name = "llama-3"
+description = "Llama 3"
+price_prompt = 100
+price_completion = 300
+[[models.deployments]]
+name = "gpu1"
+backend = "vllm"
+base_url = "http://gpu1:8000/v1"
+upstream_model = "meta/llama-3"
+api_key_env = "GPU1_KEY"
+"""
+    catalog.write_text(text)
+    assert "added model llama-3" in lwapi("model", "apply", str(catalog)).stdout
+    assert "already matches" in lwapi("model", "apply", str(catalog)).stdout
+    catalog.write_text(text.replace("price_prompt = 100", "price_prompt = 120") + """
+[[models.deployments]]
+name = "gpu2"
+backend = "vllm"
+base_url = "http://gpu2:8000/v1"
+""")
+    changed = lwapi("model", "apply", str(catalog)).stdout
+    assert "llama-3: added deployment gpu2" in changed and "llama-3: prices changed" in changed
+    [model] = json.loads(lwapi("model", "list", "--json").stdout)
+    assert model["prices"]["prompt_per_mtok"] == 120 and len(model["deployments"]) == 2
+    catalog.write_text("[[models]]\nname = 'x'\n")
+    bad = lwapi("model", "apply", str(catalog), ok=False)
+    assert bad.returncode == 1 and "needs at least one" in bad.stderr
+    catalog.write_text("not = [toml")
+    assert "catalog file" in lwapi("model", "apply", str(catalog), ok=False).stderr
