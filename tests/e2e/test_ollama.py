@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -106,3 +107,18 @@ def test_ollama_usage_is_charged_from_its_counts(stack: Stack, ollama: str, data
         return (row[0], row[1], row[2]) if row else None
     wait_for(lambda: rollup() is not None)
     assert rollup() == (result.usage.prompt_tokens, 8, 0)
+
+
+@pytest.mark.skipif(not os.environ.get("OLLAMA_HOST"), reason="set OLLAMA_HOST to also test against a real Ollama")
+def test_a_real_ollama_when_one_is_reachable(stack: Stack, database_url: str) -> None:
+    host = os.environ["OLLAMA_HOST"]
+    base = host if host.startswith("http") else f"http://{host}"
+    tags = httpx.get(f"{base}/api/tags", timeout=10).json()["models"]
+    assert tags, "the Ollama at OLLAMA_HOST has no model pulled"
+    stack.app.add_model(SYSTEM, "real-ollama", Deployment("real", BackendKind.OLLAMA, base, tags[0]["name"]),
+                        Prices(1, 1, datetime(2020, 1, 1, tzinfo=UTC)))
+    wait_for(lambda: "real-ollama" in [m.id for m in client(stack).models.list()], 2)
+    chunks = list(client(stack).chat.completions.create(
+        model="real-ollama", messages=[{"role": "user", "content": "Say hi"}], max_tokens=8, stream=True,
+        stream_options={"include_usage": True}))
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
