@@ -4,7 +4,7 @@ Run: `python -m tests.fake_ollama --port 11500`. Serves /api/chat, /api/generate
 in a `done` object with counts and durations), /api/embed, /api/tags, /api/show, and Ollama's error
 objects. Each answer has 8 tokens ("tok "), or `options.num_predict` of them with done_reason "length";
 with `tools` it calls the first tool; with `format` it answers JSON; images are counted in the reply.
-The model "missing" does not exist. Every request body is kept at GET /_requests for assertions.
+The model "missing" does not exist; "breaks" fails mid-stream with an error object, as Ollama does. Every request body is kept at GET /_requests for assertions.
 """
 
 from __future__ import annotations
@@ -95,8 +95,12 @@ async def _answer(send: Any, request: dict[str, Any], *, chat: bool) -> None:
         pieces = []
         await _line(send, {"model": request["model"], "created_at": _now(), "done": False,
                            "message": {"role": "assistant", "content": "", "tool_calls": calls}})
-    for piece in pieces:
+    for i, piece in enumerate(pieces):
         await asyncio.sleep(0)
+        if request["model"] == "breaks" and i == 3:
+            await _line(send, {"error": "an error was encountered while running the model: CUDA error"})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
         part = {"message": {"role": "assistant", "content": piece}} if chat else {"response": piece}
         await _line(send, {"model": request["model"], "created_at": _now(), "done": False, **part})
     ending = {"message": {"role": "assistant", "content": ""}} if chat else {"response": "", "context": [1, 2, 3]}

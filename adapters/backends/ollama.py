@@ -164,16 +164,27 @@ class OllamaResponse:
         buffer = bytearray()
         async for chunk in self.inner.aiter_raw():
             buffer += chunk
-            out = []
-            while (end := buffer.find(b"\n")) >= 0:
-                line = bytes(buffer[:end]).strip()
-                del buffer[: end + 1]
-                if line:
-                    out += self._events(_decode(line))
-            if len(buffer) > LINE_BYTES_MAX:
-                raise ValueError("an Ollama stream line exceeded 1 MiB")
-            if out:
+            out: list[bytes] = []
+            failure: Exception | None = None
+            try:
+                self._complete_lines(buffer, out)
+            except (msgspec.DecodeError, KeyError, TypeError, AttributeError, ValueError) as e:
+                failure = e
+            if out:  # what arrived before a failure still reaches the client (and is charged)
                 yield b"".join(out)
+            if failure is not None:
+                raise failure
+
+    def _complete_lines(self, buffer: bytearray, out: list[bytes]) -> None:
+        """Append OpenAI events for the complete NDJSON lines in `buffer` (which keeps the incomplete rest) to
+        `out`; what was appended before a failure stays there."""
+        while (end := buffer.find(b"\n")) >= 0:
+            line = bytes(buffer[:end]).strip()
+            del buffer[: end + 1]
+            if line:
+                out += self._events(_decode(line))
+        if len(buffer) > LINE_BYTES_MAX:
+            raise ValueError("an Ollama stream line exceeded 1 MiB")
 
     def _base(self, kind: str) -> dict[str, Any]:
         prefix = "chatcmpl" if self.endpoint == "chat" else "cmpl"

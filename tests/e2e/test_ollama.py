@@ -29,10 +29,10 @@ def ollama(stack: Stack) -> Iterator[str]:
     base = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{base}/api/tags")
-        for name, upstream in (("local", "llama3.2:1b"), ("gone", "missing")):
+        for name, upstream in (("local", "llama3.2:1b"), ("gone", "missing"), ("flaky", "breaks")):
             stack.app.add_model(SYSTEM, name, Deployment("ollama", BackendKind.OLLAMA, base, upstream),
                                 Prices(1_000, 1_000, datetime(2020, 1, 1, tzinfo=UTC)))
-        wait_for(lambda: {"local", "gone"} <= {m.id for m in client(stack).models.list()}, 2)
+        wait_for(lambda: {"local", "gone", "flaky"} <= {m.id for m in client(stack).models.list()}, 2)
         yield base
     finally:
         proc.terminate()
@@ -122,3 +122,20 @@ def test_a_real_ollama_when_one_is_reachable(stack: Stack, database_url: str) ->
         model="real-ollama", messages=[{"role": "user", "content": "Say hi"}], max_tokens=8, stream=True,
         stream_options={"include_usage": True}))
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+
+
+def test_an_ollama_failure_mid_stream_ends_cleanly_and_is_charged(stack: Stack, ollama: str,
+                                                                  database_url: str) -> None:
+    stream = client(stack).chat.completions.create(model="flaky", stream=True,
+                                                   messages=[{"role": "user", "content": "x"}])
+    received = [next(stream) for _ in range(3)]
+    with pytest.raises(openai.APIError, match="stream broke off"):
+        next(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in received if c.choices) == "tok " * 3
+
+    def estimated() -> int | None:
+        with psycopg.connect(database_url) as conn:
+            row = conn.execute("SELECT estimated_requests FROM lwapi_read.usage_rollups WHERE model = 'flaky'"
+                               ).fetchone()
+        return row[0] if row else None
+    wait_for(lambda: estimated() == 1)
