@@ -25,13 +25,12 @@ from edge.cli_support import (
     EXIT_SETUP,
     emit,
     handles_errors,
+    json_option,
     read,
     runtime,
     table,
 )
 from edge.settings import Settings, SettingsError
-
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 
 
 @click.group()

@@ -18,9 +18,7 @@ from domain.errors import InvalidValue
 from domain.pricing import Prices
 from edge import queries
 from edge.catalog_file import apply_catalog_file
-from edge.cli_support import emit, handles_errors, parse_time, read, runtime, table
-
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+from edge.cli_support import emit, handles_errors, json_option, parse_time, read, runtime, table
 
 
 def _credential(api_key_env: str | None, api_key_file: str | None) -> str | None:

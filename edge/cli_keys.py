@@ -13,9 +13,7 @@ import click
 from domain.access import SYSTEM
 from domain.api_key import KeySettings, key_status
 from edge import queries
-from edge.cli_support import emit, handles_errors, parse_time, parse_uuid, read, runtime, table
-
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+from edge.cli_support import emit, handles_errors, json_option, parse_time, parse_uuid, read, runtime, table
 
 
 def key_options(fn: Any) -> Any:
