@@ -15,7 +15,7 @@ from eventsourcing.persistence import StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore, PostgresFactory
 from psycopg import Cursor
 from psycopg.rows import DictRow
-from psycopg.sql import SQL, Composed, Identifier
+from psycopg.sql import SQL, Composed, Identifier, Literal
 
 from domain.claims import CLAIMS_KWARG
 
@@ -24,15 +24,22 @@ GUARD_FUNCTION = "lwapi_refuse_history_change"
 
 
 def append_only_statements(schema: str, table: str) -> list[Composed]:
-    """Triggers refusing row changes and truncation; lifting them takes a deliberate ALTER TABLE."""
+    """Triggers refusing row changes and truncation; lifting them takes a deliberate ALTER TABLE.
+
+    Each trigger is created only when missing: re-creating one locks its table, and a process opening
+    the store while another is appending would deadlock with it.
+    """
     fmt = {"schema": Identifier(schema), "table": Identifier(table), "fn": Identifier(GUARD_FUNCTION),
-           "row_trigger": Identifier(f"{table}_append_only"),
-           "truncate_trigger": Identifier(f"{table}_no_truncate")}
+           "qualified": Literal(f'"{schema}"."{table}"')}
+    triggers = [
+        (f"{table}_append_only", SQL("BEFORE UPDATE OR DELETE ON {schema}.{table} FOR EACH ROW").format(**fmt)),
+        (f"{table}_no_truncate", SQL("BEFORE TRUNCATE ON {schema}.{table} FOR EACH STATEMENT").format(**fmt)),
+    ]
     return [
-        SQL("CREATE OR REPLACE TRIGGER {row_trigger} BEFORE UPDATE OR DELETE ON {schema}.{table} "
-            "FOR EACH ROW EXECUTE FUNCTION {schema}.{fn}()").format(**fmt),
-        SQL("CREATE OR REPLACE TRIGGER {truncate_trigger} BEFORE TRUNCATE ON {schema}.{table} "
-            "FOR EACH STATEMENT EXECUTE FUNCTION {schema}.{fn}()").format(**fmt),
+        SQL("DO $do$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = {qualified}::regclass "
+            "AND tgname = {name}) THEN CREATE TRIGGER {trigger} {when} EXECUTE FUNCTION {schema}.{fn}(); "
+            "END IF; END $do$").format(name=Literal(name), trigger=Identifier(name), when=when, **fmt)
+        for name, when in triggers
     ]
 
 
@@ -55,6 +62,12 @@ class ClaimingPostgresApplicationRecorder(PostgresApplicationRecorder):
             schema, self.claims_table)
         self._select_claims = SQL("SELECT request_id FROM {0}.{1} WHERE request_id = ANY(%s)").format(
             schema, self.claims_table)
+
+    def _create_table(self, curs: Cursor[DictRow]) -> None:
+        # CREATE OR REPLACE of the guard function and triggers deadlocks when two processes open the
+        # store at once (both rewrite pg_proc/pg_trigger rows); one schema lock per database serialises it.
+        curs.execute(SQL("SELECT pg_advisory_xact_lock(hashtext('lwapi:eventstore-schema'))"), prepare=False)
+        super()._create_table(curs)
 
     def _insert_events(self, curs: Cursor[DictRow], stored_events: Sequence[StoredEvent], **kwargs: Any) -> None:
         request_ids: Sequence[str] = kwargs.get(CLAIMS_KWARG) or ()

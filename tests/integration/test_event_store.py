@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import uuid
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 
 import psycopg
@@ -52,7 +53,7 @@ def test_request_id_is_charged_once_across_batches(database_url: str) -> None:
         assert conn.execute("SELECT count(*) FROM usage_request_claims").fetchone() == (7,)
 
 
-def _produce(url: str, project_hex: str, key_hex: str, shared: list[str], batches: int, queue) -> None:
+def _produce(url: str, project_hex: str, key_hex: str, shared: list[str], batches: int) -> tuple[int, int]:
     app = accounting(url)
     project, key_id = uuid.UUID(project_hex), uuid.UUID(key_hex)
     recorded = refused = 0
@@ -66,22 +67,16 @@ def _produce(url: str, project_hex: str, key_hex: str, shared: list[str], batche
         except DuplicateRequest:
             refused += 1
     app.close()
-    queue.put((recorded, refused))
+    return recorded, refused
 
 
 def test_two_processes_writing_usage_at_once_never_charge_twice(database_url: str) -> None:
     _app, project, key_id = _world(database_url)
     shared = [f"shared-{i}" for i in range(3)]
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_produce, args=(database_url, project.hex, key_id.hex, shared, 25, queue))
-             for _ in range(2)]
-    for p in procs:
-        p.start()
-    results = [queue.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(timeout=30)
-        assert p.exitcode == 0
+    # A pool re-raises a producer's exception here instead of leaving the test waiting for its result.
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_produce, database_url, project.hex, key_id.hex, shared, 25) for _ in range(2)]
+        results = [f.result(timeout=120) for f in futures]
     recorded = sum(r for r, _ in results)
     with psycopg.connect(database_url) as conn:
         claims = conn.execute("SELECT count(*), count(DISTINCT request_id) FROM usage_request_claims").fetchone()
