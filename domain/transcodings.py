@@ -79,7 +79,7 @@ class DeploymentAsDict(Transcoding):
     def encode(self, obj: Deployment) -> dict[str, Any]:
         return {"name": obj.name, "backend": obj.backend, "base_url": obj.base_url,
                 "upstream_model": obj.upstream_model, "credential_ref": obj.credential_ref,
-                "weight": obj.weight, "timeout_ms": obj.timeout_ms}
+                "weight": obj.weight, "timeout_ms": obj.timeout_ms, "tokenizer": obj.tokenizer}
 
     def decode(self, data: dict[str, Any]) -> Deployment:
         return Deployment(**data)

@@ -17,6 +17,7 @@ deliberate `lwapi model remove`). Every change is an event like any other. Forma
     api_key_env = "GPU1_KEY"    # or api_key_file = "/run/secrets/gpu1"; optional
     weight = 1
     timeout_s = 600
+    tokenizer = "file:/models/llama-3/tokenizer.json"  # optional: counting when no usage is reported
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def _deployment(d: dict[str, Any], model: str) -> Deployment:
     try:
         return Deployment(name=str(d["name"]), backend=BackendKind(d["backend"]), base_url=str(d["base_url"]),
                           upstream_model=str(d.get("upstream_model") or model), credential_ref=credential,
-                          weight=d.get("weight", 1), timeout_ms=int(float(d.get("timeout_s", 600)) * 1000))
+                          weight=d.get("weight", 1), timeout_ms=int(float(d.get("timeout_s", 600)) * 1000),
+                          tokenizer=d.get("tokenizer"))
     except KeyError as e:
         raise InvalidValue(f"model {model}: a deployment lacks {e.args[0]!r}") from None
     except ValueError as e:

@@ -36,7 +36,7 @@ def _deployment(opts: dict[str, Any], model_name: str) -> Deployment:
         name=name.lower().replace(":", "-")[:63], backend=backend, base_url=opts["base_url"],
         upstream_model=opts["upstream_model"] or model_name,
         credential_ref=_credential(opts["api_key_env"], opts["api_key_file"]),
-        weight=opts["weight"], timeout_ms=int(opts["timeout_s"] * 1000),
+        weight=opts["weight"], timeout_ms=int(opts["timeout_s"] * 1000), tokenizer=opts["tokenizer"],
     )
 
 
@@ -55,6 +55,9 @@ def deployment_options(fn: Any) -> Any:
         click.option("--deployment", default=None, help="Deployment name (default: backend-host)."),
         click.option("--weight", type=int, default=1, show_default=True),
         click.option("--timeout-s", type=float, default=600.0, show_default=True),
+        click.option("--tokenizer", default=None,
+                     help="Counting tokens when the backend reports no usage: vllm, llama.cpp (the server's "
+                          "tokenize endpoint), file:/path/tokenizer.json or estimate (default: by backend)."),
     ]):
         fn = option(fn)
     return fn

@@ -19,7 +19,8 @@ CHANGE_CHANNEL = "lwapi_models"
 
 def deployment_json(d: Deployment) -> dict[str, Any]:
     return {"name": d.name, "backend": d.backend.value, "base_url": d.base_url, "upstream_model": d.upstream_model,
-            "credential_ref": d.credential_ref, "weight": d.weight, "timeout_ms": d.timeout_ms}
+            "credential_ref": d.credential_ref, "weight": d.weight, "timeout_ms": d.timeout_ms,
+            "tokenizer": d.tokenizer}
 
 
 def prices_json(p: Prices) -> dict[str, Any]:

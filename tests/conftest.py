@@ -94,3 +94,10 @@ def database_url(pg_server_url: str) -> Iterator[str]:
     finally:
         with psycopg.connect(pg_server_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random-weight Llama folder (tokenizer and chat template included), made once per run."""
+    from tests.backends.tiny_model import write  # noqa: PLC0415 (numpy and tokenizers only when needed)
+    return write(tmp_path_factory.mktemp("tiny-model"))

@@ -19,6 +19,7 @@ from typing import Any
 
 import asyncpg
 
+from adapters.backends.token_count import Counter
 from domain.catalog import BackendKind
 from domain.pricing import Prices, price_at
 from projections.base import SCHEMA
@@ -41,6 +42,8 @@ class Route:
     credential_ref: str | None
     weight: int
     timeout_s: float
+    tokenizer: str | None = None
+    counter: Counter | None = None  # made at first use by edge.gateway.metering
     in_flight: int = 0
     failures: int = 0
     out_until: float = 0.0  # time.monotonic() until which the deployment is out of rotation
@@ -82,7 +85,7 @@ def _model(row: asyncpg.Record, old: CatalogModel | None) -> CatalogModel:
     routes = []
     for d in json.loads(row["deployments"]):
         route = Route(d["name"], BackendKind(d["backend"]), d["base_url"], d["upstream_model"], d["credential_ref"],
-                      d["weight"], d["timeout_ms"] / 1000)
+                      d["weight"], d["timeout_ms"] / 1000, d.get("tokenizer"))
         if (before := kept.get(route.name)) is not None:  # a reload keeps what this process knows of it
             route.in_flight, route.failures, route.out_until = before.in_flight, before.failures, before.out_until
         routes.append(route)

@@ -8,6 +8,7 @@ the spool and its reservation is settled.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import time
@@ -30,8 +31,9 @@ from edge.gateway.admission import Admission, Ticket
 from edge.gateway.catalog import Catalog, CatalogModel, Route
 from edge.gateway.errors import GatewayError
 from edge.gateway.key_index import KeyIndex, KeyRecord
+from edge.gateway.metering import Outcome, collect_text, counter_for, estimate, measure
 from edge.gateway.metrics import Metrics
-from edge.gateway.relay import relay_stream, usage_numbers
+from edge.gateway.relay import relay_stream
 from edge.gateway.sse import rename_model
 from edge.gateway.validation import check_payload
 
@@ -165,16 +167,15 @@ class Gateway:
         ticket = await self.admission.admit(key, request_id, prompt_estimate + completion_max, prices, prompt_estimate,
                                       completion_max)
         call = Call(request_id, endpoint, payload, model, ticket, started, prompt_estimate)
-        usage: dict[str, Any] | None = None
-        generated = 0
+        outcome = Outcome()
         try:
             response = await self._open_upstream(call)
             if payload.get("stream") is True:
-                usage, generated = await relay_stream(call, response, receive, send, ticket.headers)
+                outcome = await relay_stream(call, response, receive, send, ticket.headers)
             else:
-                usage, generated = await self._relay_whole(call, response, send)
+                outcome = await self._relay_whole(call, response, send)
         finally:
-            await self._finish(call, usage, generated)
+            await self._finish(call, outcome)
 
     async def _open_upstream(self, call: Call) -> UpstreamResponse:
         """Send to the least busy deployment; on failure before any byte, try the next one."""
@@ -217,8 +218,7 @@ class Gateway:
             failure = errors.upstream_failed(502, f"The model's backend failed: {detail}")
         raise failure
 
-    async def _relay_whole(self, call: Call, response: UpstreamResponse,
-                           send: Send) -> tuple[dict[str, Any] | None, int]:
+    async def _relay_whole(self, call: Call, response: UpstreamResponse, send: Send) -> Outcome:
         try:
             data = await _bounded(response, RESPONSE_BYTES_MAX)
         except httpx.TimeoutException:
@@ -232,19 +232,33 @@ class Gateway:
         except msgspec.DecodeError:
             raise errors.upstream_failed(502, "The model's backend sent a malformed response.") from None
         usage = decoded.get("usage") if isinstance(decoded, dict) else None
+        outcome = Outcome(usage if isinstance(usage, dict) else None, content_events=1)
+        if outcome.usage is None:
+            collect_text(outcome, data)
         assert call.route is not None
         body = rename_model(data, call.route.upstream_model, call.model.name)
         await respond(send, 200, body, call.request_id, call.ticket.headers)
-        return (usage if isinstance(usage, dict) else None), _generated_estimate(decoded)
+        return outcome
 
-    async def _finish(self, call: Call, usage: dict[str, Any] | None, generated: int) -> None:
+    async def _finish(self, call: Call, outcome: Outcome) -> None:
         """Meter once: the usage entry to the spool, the reservation settled (also after failures)."""
-        if call.route is not None:
-            call.route.in_flight -= 1
-        if usage is None and generated == 0:
+        route = call.route
+        if route is not None:
+            route.in_flight -= 1
+        if route is None or not outcome.delivered:
             await self.admission.settle(call.ticket, 0, 0)  # nothing reached the client: nothing to charge
             return
-        prompt, cached, completion, estimated = usage_numbers(usage, call.prompt_estimate, generated)
+        try:
+            usage = await measure(outcome, call.endpoint, call.payload, counter_for(route, self.client))
+        except asyncio.CancelledError:  # shut down while counting: the estimate goes on disk, then stop
+            self._record(call, estimate(outcome, call.endpoint, call.payload))
+            raise
+        cost = self._record(call, usage)
+        await self.admission.settle(call.ticket, usage[0] + usage[2], cost)
+
+    def _record(self, call: Call, usage: tuple[int, int, int, bool]) -> int:
+        """The usage entry, on disk before anything else can be interrupted; returns its cost."""
+        prompt, cached, completion, estimated = usage
         prices = call.model.price_at(call.started)
         assert prices is not None
         cost = prices.cost_credits(prompt, cached, completion)
@@ -252,11 +266,9 @@ class Gateway:
         entry = UsageEntry(call.request_id, call.ticket.key.project_id, call.ticket.key.key_id, call.model.name,
                            call.route.name if call.route else "", prompt, cached, completion, cost,
                            min(int(call.started.timestamp() * 1000), now_ms), now_ms, estimated)
-        try:
-            self.spool.append(entry)  # on disk before anything else can be interrupted
-        finally:
-            self.metrics.count_tokens(call.model.name, prompt, completion)
-            await self.admission.settle(call.ticket, prompt + completion, cost)
+        self.spool.append(entry)
+        self.metrics.count_tokens(call.model.name, prompt, completion)
+        return cost
 
 
 def _upstream_call(route: Route, call: Call, *, stream: bool) -> tuple[str, bytes]:
@@ -266,20 +278,6 @@ def _upstream_call(route: Route, call: Call, *, stream: bool) -> tuple[str, byte
                                                                                  route.upstream_model)
     return (openai_compat.upstream_url(route.base_url, call.endpoint),
             openai_compat.upstream_body(call.payload, route.upstream_model, stream=stream))
-
-
-def _generated_estimate(decoded: Any) -> int:
-    """Completion tokens, estimated from the text returned, for a backend that reports no usage."""
-    choices = decoded.get("choices") if isinstance(decoded, dict) else None
-    if not isinstance(choices, list):
-        return 1
-    chars = 0
-    for choice in choices:
-        if isinstance(choice, dict):
-            message = choice.get("message")
-            text = message.get("content") if isinstance(message, dict) else choice.get("text")
-            chars += len(text) if isinstance(text, str) else 0
-    return max(1, chars // BYTES_PER_TOKEN_ESTIMATE)
 
 
 def _model_object(model: CatalogModel) -> dict[str, Any]:

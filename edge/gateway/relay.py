@@ -17,17 +17,16 @@ import httpx
 
 from adapters.backends.http1 import UpstreamResponse
 from edge.gateway import errors
+from edge.gateway.metering import Outcome
 from edge.gateway.sse import Renamer, StreamState, StreamTooLarge, inspect, split_events
 
 if TYPE_CHECKING:
     from edge.gateway.proxy import Call, Receive, Send
 
-COUNT_MAX = 10**9
-
 
 async def relay_stream(call: Call, response: UpstreamResponse, receive: Receive, send: Send,
-                       headers: dict[str, str]) -> tuple[dict[str, Any] | None, int]:
-    """Relay until the upstream ends or the client leaves; returns (usage reported, content events)."""
+                       headers: dict[str, str]) -> Outcome:
+    """Relay until the upstream ends or the client leaves; returns what passed."""
     state = StreamState()
     raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                    (b"x-request-id", call.request_id.encode())]
@@ -45,7 +44,7 @@ async def relay_stream(call: Call, response: UpstreamResponse, receive: Receive,
         await response.aclose()
     if relay.done() and not relay.cancelled() and relay.exception() is not None:
         raise relay.exception()  # type: ignore[misc]
-    return state.usage, state.content_events
+    return state
 
 
 async def _pump(call: Call, response: UpstreamResponse, send: Send, state: StreamState) -> None:
@@ -79,15 +78,3 @@ async def _client_gone(receive: Receive) -> None:
 def _wants_usage(payload: dict[str, Any]) -> bool:
     options = payload.get("stream_options")
     return isinstance(options, dict) and options.get("include_usage") is True
-
-
-def usage_numbers(usage: dict[str, Any] | None, prompt_estimate: int, generated: int) -> tuple[int, int, int, bool]:
-    """(prompt, cached prompt, completion, estimated) from a usage report, or estimates without one."""
-    if isinstance(usage, dict):
-        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens", 0)
-        details = usage.get("prompt_tokens_details")
-        cached = details.get("cached_tokens", 0) if isinstance(details, dict) else 0
-        if all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= COUNT_MAX
-               for v in (prompt, completion, cached)) and cached <= prompt:  # type: ignore[operator]
-            return int(prompt), int(cached or 0), int(completion or 0), False  # type: ignore[arg-type]
-    return prompt_estimate, 0, generated, True

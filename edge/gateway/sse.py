@@ -1,7 +1,7 @@
-"""Reading an upstream's Server-Sent Events stream: split events, find usage, rename the model.
+"""Reading an upstream's Server-Sent Events stream: split events, find usage and text, rename the model.
 
-Imports: stdlib, msgspec. Only events that may carry usage are parsed; every other event passes
-through as bytes (the relay must not cost a JSON round-trip per token).
+Imports: stdlib, msgspec, edge.gateway.metering. Events pass through as bytes; only the fields that
+metering needs are decoded (usage, and the generated text in case no usage comes).
 """
 
 from __future__ import annotations
@@ -11,17 +11,17 @@ from typing import Any
 
 import msgspec
 
+from edge.gateway.metering import Outcome, collect_text
+
 EVENT_BYTES_MAX = 1 << 20  # one event larger than 1 MiB is not a token delta: refuse the stream
 DONE = b"data: [DONE]"
 _decoder = msgspec.json.Decoder()
 
 
 @dataclass
-class StreamState:
+class StreamState(Outcome):
     """What the relay learned from the stream so far."""
 
-    usage: dict[str, Any] | None = None
-    content_events: int = 0
     finished: bool = False
     done: bool = False
     buffer: bytearray = field(default_factory=bytearray)
@@ -59,11 +59,13 @@ def inspect(state: StreamState, event: bytes) -> bool:
             choices = payload.get("choices")
             if choices:
                 state.content_events += 1
+                collect_text(state, event.partition(b"data:")[2])
             return not choices
     if b'"finish_reason":"' in event or b'"finish_reason": "' in event:
         state.finished = True
     if b'"content":' in event or b'"text":' in event or b'"tool_calls":' in event:
         state.content_events += 1
+        collect_text(state, event.partition(b"data:")[2])
     return False
 
 

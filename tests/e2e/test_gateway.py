@@ -9,11 +9,13 @@ import subprocess
 import sys
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import httpx
 import openai
 import psycopg
 import pytest
+from tokenizers import Tokenizer
 
 from domain.access import SYSTEM
 from domain.api_key import KeySettings
@@ -330,27 +332,37 @@ def test_catalog_changes_reach_the_gateway_within_one_second(stack: Stack) -> No
     assert time.monotonic() - started < 2.5
 
 
-def test_a_backend_without_usage_reports_is_metered_with_marked_estimates(stack: Stack, database_url: str) -> None:
+def test_a_backend_without_usage_reports_is_metered_with_marked_estimates(stack: Stack, database_url: str,
+                                                                        tiny_model_dir: Path) -> None:
+    """No usage upstream: the deployment's tokenizer file counts, else the documented estimate does."""
     port = free_port()
     quiet = subprocess.Popen([sys.executable, "-m", "tests.fake_upstream", "--port", str(port), "--no-usage"])
+    tokenizer = tiny_model_dir / "tokenizer.json"
     try:
         wait_http(f"http://127.0.0.1:{port}/v1/models")
-        stack.app.add_model(SYSTEM, "quiet", Deployment("q", BackendKind.OPENAI, f"http://127.0.0.1:{port}/v1", "q"),
-                            Prices(1, 1, datetime(2020, 1, 1, tzinfo=UTC)))
-        wait_for(lambda: "quiet" in [m.id for m in client(stack).models.list()], 2)
-        chunks = list(client(stack).chat.completions.create(
-            model="quiet", messages=[{"role": "user", "content": "x"}], stream=True,
-            stream_options={"include_usage": True}, extra_body={"fake_tokens": 12}))
-        assert all(c.usage is None for c in chunks)  # nothing to relay: the upstream reported none
+        base = f"http://127.0.0.1:{port}/v1"
+        prices = Prices(1, 1, datetime(2020, 1, 1, tzinfo=UTC))
+        stack.app.add_model(SYSTEM, "quiet", Deployment("q", BackendKind.OPENAI, base, "q"), prices)
+        stack.app.add_model(SYSTEM, "quiet-counted", Deployment("q", BackendKind.OPENAI, base, "q",
+                                                                tokenizer=f"file:{tokenizer}"), prices)
+        wait_for(lambda: {"quiet", "quiet-counted"} <= {m.id for m in client(stack).models.list()}, 2)
+        for model in ("quiet", "quiet-counted"):
+            chunks = list(client(stack).chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "hello 你好"}], stream=True,
+                stream_options={"include_usage": True}, extra_body={"fake_tokens": 12}))
+            assert all(c.usage is None for c in chunks)  # nothing to relay: the upstream reported none
 
-        def entry() -> tuple[int, int] | None:
+        def entry(model: str) -> tuple[int, int, int] | None:
             with psycopg.connect(database_url) as conn:
-                row = conn.execute("SELECT tokens_completion, estimated_requests FROM lwapi_read.usage_rollups "
-                                   "WHERE model = 'quiet'").fetchone()
-            return (row[0], row[1]) if row else None
-        wait_for(lambda: entry() is not None)
-        completion, estimated = entry()  # type: ignore[misc]
-        assert estimated == 1 and completion >= 12  # content chunks counted (the role chunk counts too)
+                row = conn.execute("SELECT tokens_prompt, tokens_completion, estimated_requests "
+                                   "FROM lwapi_read.usage_rollups WHERE model = %s", (model,)).fetchone()
+            return (row[0], row[1], row[2]) if row else None
+        wait_for(lambda: entry("quiet") is not None and entry("quiet-counted") is not None)
+        # the estimate: one token per streamed text chunk; 3 + 4 + ceil(12 bytes / 4) for the prompt
+        assert entry("quiet") == (3 + 4 + 3, 12, 1)
+        reference = Tokenizer.from_file(str(tokenizer))
+        prompt = len(reference.encode("<s><|user|>\nhello 你好</s>\n<|assistant|>\n").ids)
+        assert entry("quiet-counted") == (prompt, len(reference.encode("tok " * 12).ids), 1)
     finally:
         quiet.terminate()
         quiet.wait(timeout=10)

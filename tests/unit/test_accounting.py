@@ -297,3 +297,16 @@ def test_bad_deployments_are_refused(app: Accounting, deployment) -> None:
     with pytest.raises(InvalidValue):
         app.add_model(SYSTEM, "m", Deployment(name, BackendKind.OPENAI, url, upstream, credential),
                       Prices(1, 1, NOW))
+
+
+@pytest.mark.parametrize("tokenizer", ["tiktoken", "file:relative/tokenizer.json", "vllm ", "file:/"])
+def test_bad_tokenizer_sources_are_refused(app: Accounting, tokenizer: str) -> None:
+    with pytest.raises(InvalidValue, match="tokenizer must be"):
+        app.add_model(SYSTEM, "m", Deployment("g", BackendKind.OPENAI, "http://h", "m", tokenizer=tokenizer),
+                      Prices(1, 1, NOW))
+
+
+def test_a_deployment_keeps_its_tokenizer_source(app: Accounting) -> None:
+    app.add_model(SYSTEM, "m", Deployment("g", BackendKind.OPENAI, "http://h", "m", tokenizer="llama.cpp"),
+                  Prices(1, 1, NOW))
+    assert app.get_model("m").deployments[0].tokenizer == "llama.cpp"
