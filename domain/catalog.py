@@ -26,7 +26,7 @@ PRICE_CHANGES_MAX = 10_000
 TIMEOUT_MS_MAX = 3_600_000
 _CREDENTIAL_RE = re.compile(r"^(env:[A-Za-z_][A-Za-z0-9_]*|file:/\S+)$")
 _DEPLOYMENT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
-_TOKENIZER_RE = re.compile(r"^(vllm|llama\.cpp|estimate|file:/\S{1,500})$")
+_TOKENIZER_RE = re.compile(r"^(vllm|estimate|file:/\S{1,500})$")
 
 
 class ModelNotFound(DomainError):
@@ -51,9 +51,9 @@ class BackendKind(Enum):
 class Deployment:
     """One upstream serving a model: where, under which name, with which credential and timeout.
 
-    `tokenizer` says how the gateway counts tokens when this upstream reports no usage: `vllm` or
-    `llama.cpp` (the server's own tokenize endpoint), `file:/path/tokenizer.json`, or `estimate`;
-    None picks by backend (vLLM's endpoint for vLLM, the estimate otherwise).
+    `tokenizer` says how the gateway counts tokens when this upstream reports no usage: `vllm` (the
+    server's /tokenize), `file:/path/tokenizer.json`, or `estimate`; None picks by backend (vLLM's
+    endpoint for vLLM, the estimate otherwise).
     """
 
     name: str
@@ -77,7 +77,7 @@ class Deployment:
         if self.credential_ref is not None and not _CREDENTIAL_RE.match(self.credential_ref):
             raise InvalidValue("credential must be a reference: env:VARIABLE or file:/path")
         if self.tokenizer is not None and not _TOKENIZER_RE.match(self.tokenizer):
-            raise InvalidValue("tokenizer must be vllm, llama.cpp, estimate or file:/path/to/tokenizer.json")
+            raise InvalidValue("tokenizer must be vllm, estimate or file:/path/to/tokenizer.json")
         return replace(
             self, base_url=url,
             upstream_model=clean_text(self.upstream_model, "upstream model", chars_max=200),

@@ -56,8 +56,8 @@ def deployment_options(fn: Any) -> Any:
         click.option("--weight", type=int, default=1, show_default=True),
         click.option("--timeout-s", type=float, default=600.0, show_default=True),
         click.option("--tokenizer", default=None,
-                     help="Counting tokens when the backend reports no usage: vllm, llama.cpp (the server's "
-                          "tokenize endpoint), file:/path/tokenizer.json or estimate (default: by backend)."),
+                     help="Counting tokens when the backend reports no usage: vllm (the server's /tokenize), "
+                          "file:/path/tokenizer.json or estimate (default: vllm for vLLM, else estimate)."),
     ]):
         fn = option(fn)
     return fn

@@ -1,7 +1,7 @@
 """Counting tokens for a request whose backend reported no usage.
 
 Imports: stdlib, httpx, jinja2, msgspec, tokenizers, adapters.backends. Three ways, best first:
-the backend's own tokenizer endpoint (vLLM's `/tokenize`, llama.cpp's `/tokenize`), the model's
+the backend's own tokenizer endpoint (vLLM's `/tokenize`), the model's
 tokenizer file on local disk (Hugging Face `tokenizer.json`, with the chat template from the
 `tokenizer_config.json` beside it), or an estimate. A counter that fails falls back to the estimate;
 every count made here is marked estimated on the usage entry, because it is the gateway's, not the
@@ -134,35 +134,6 @@ class VllmTokenize:
         if not isinstance(count, int) or isinstance(count, bool) or count < 0:
             raise CountFailed(f"{self.url} answered without a count")
         return count
-
-
-class LlamaCppTokenize:
-    """llama.cpp's server: `/apply-template` renders chat messages, `/tokenize` counts text."""
-
-    def __init__(self, client: Http1Client, root_url: str, credential: Callable[[], str | None]) -> None:
-        self.client, self.root, self.credential = client, root_url, credential
-
-    async def prompt_tokens(self, prompt: Prompt) -> int:
-        if prompt.messages is not None:
-            rendered = await _post_json(self.client, self.root + "/apply-template", {"messages": prompt.messages},
-                                        self.credential)
-            text = rendered.get("prompt") if isinstance(rendered, dict) else None
-            if not isinstance(text, str):
-                raise CountFailed("llama.cpp's /apply-template answered without a prompt")
-            return await self._count(text, special=True)
-        return prompt.token_ids + sum([await self._count(t, special=True) for t in prompt.texts])
-
-    async def text_tokens(self, text: str) -> int:
-        return await self._count(text, special=False)
-
-    async def _count(self, text: str, *, special: bool) -> int:
-        answer = await _post_json(self.client, self.root + "/tokenize",
-                                  {"content": text, "add_special": special, "parse_special": special},
-                                  self.credential)
-        tokens = answer.get("tokens") if isinstance(answer, dict) else None
-        if not isinstance(tokens, list):
-            raise CountFailed("llama.cpp's /tokenize answered without tokens")
-        return len(tokens)
 
 
 class LocalTokenizer:

@@ -20,7 +20,6 @@ from adapters.backends.token_count import (
     Counter,
     CountFailed,
     Estimate,
-    LlamaCppTokenize,
     LocalTokenizer,
     Prompt,
     VllmTokenize,
@@ -127,8 +126,6 @@ def _make_counter(route: Route, client: Http1Client) -> Counter:
     root = route.base_url.removesuffix("/v1")
     if source == "vllm":
         return VllmTokenize(client, root, route.upstream_model, route.credential)
-    if source == "llama.cpp":
-        return LlamaCppTokenize(client, root, route.credential)
     if source.startswith("file:"):
         try:
             return LocalTokenizer(Path(source[5:]))
