@@ -43,6 +43,7 @@ class Outcome:
     usage: dict[str, Any] | None = None
     content_events: int = 0
     text: list[str] = field(default_factory=list)
+    measured: tuple[int, int, int, bool] | None = None  # counted during the response (told to the client)
 
     @property
     def delivered(self) -> bool:
@@ -137,6 +138,8 @@ def _make_counter(route: Route, client: Http1Client) -> Counter:
 async def measure(outcome: Outcome, endpoint: str, payload: dict[str, Any],
                   counter: Counter) -> tuple[int, int, int, bool]:
     """(prompt, cached prompt, completion, estimated) for the usage entry."""
+    if outcome.measured is not None:
+        return outcome.measured
     reported = reported_usage(outcome.usage)
     if reported is not None:
         return (*reported, False)
@@ -148,7 +151,16 @@ async def measure(outcome: Outcome, endpoint: str, payload: dict[str, Any],
 
 def estimate(outcome: Outcome, endpoint: str, payload: dict[str, Any]) -> tuple[int, int, int, bool]:
     """`measure` without waiting for anything: the reported usage, else the documented estimate."""
+    if outcome.measured is not None:
+        return outcome.measured
     reported = reported_usage(outcome.usage)
     if reported is not None:
         return (*reported, False)
     return estimate_prompt(Prompt.of(endpoint, payload)), 0, estimate_completion(outcome.text), True
+
+
+def usage_object(endpoint: str, prompt: int, completion: int) -> dict[str, int]:
+    """The `usage` member OpenAI sends for this endpoint."""
+    if endpoint == "embeddings":
+        return {"prompt_tokens": prompt, "total_tokens": prompt}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

@@ -22,6 +22,7 @@ import msgspec
 
 from adapters.backends import ollama, openai_compat
 from adapters.backends.http1 import Http1Client, UpstreamResponse
+from adapters.backends.token_count import Counter
 from adapters.spool import Spool
 from domain.api_key import KeyStatus, hash_secret, looks_like_secret
 from domain.catalog import BackendKind
@@ -31,7 +32,7 @@ from edge.gateway.admission import Admission, Ticket
 from edge.gateway.catalog import Catalog, CatalogModel, Route
 from edge.gateway.errors import GatewayError
 from edge.gateway.key_index import KeyIndex, KeyRecord
-from edge.gateway.metering import Outcome, collect_text, counter_for, estimate, measure
+from edge.gateway.metering import Outcome, collect_text, counter_for, estimate, measure, usage_object
 from edge.gateway.metrics import Metrics
 from edge.gateway.relay import relay_stream
 from edge.gateway.sse import rename_model
@@ -69,6 +70,7 @@ class Call:
     started: datetime
     prompt_estimate: int
     route: Route | None = None
+    counter: Counter | None = None
 
 
 class Gateway:
@@ -207,7 +209,7 @@ class Gateway:
                 continue
             if response.status_code < 400:
                 health.mark_healthy(route)
-                call.route = route
+                call.route, call.counter = route, counter_for(route, self.client)
                 return response
             detail = openai_compat.error_message(response.status_code, await _bounded(response, 65_536))
             await response.aclose()
@@ -233,8 +235,13 @@ class Gateway:
             raise errors.upstream_failed(502, "The model's backend sent a malformed response.") from None
         usage = decoded.get("usage") if isinstance(decoded, dict) else None
         outcome = Outcome(usage if isinstance(usage, dict) else None, content_events=1)
-        if outcome.usage is None:
+        if outcome.usage is None and isinstance(decoded, dict) and call.counter is not None:
+            # OpenAI's responses always carry usage: give the client the count it is charged for
             collect_text(outcome, data)
+            outcome.measured = await measure(outcome, call.endpoint, call.payload, call.counter)
+            prompt, _cached, completion, _estimated = outcome.measured
+            decoded["usage"] = usage_object(call.endpoint, prompt, completion)
+            data = msgspec.json.encode(decoded)
         assert call.route is not None
         body = rename_model(data, call.route.upstream_model, call.model.name)
         await respond(send, 200, body, call.request_id, call.ticket.headers)

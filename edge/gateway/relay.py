@@ -14,10 +14,11 @@ import contextlib
 from typing import TYPE_CHECKING, Any
 
 import httpx
+import msgspec
 
 from adapters.backends.http1 import UpstreamResponse
 from edge.gateway import errors
-from edge.gateway.metering import Outcome
+from edge.gateway.metering import Outcome, measure, usage_object
 from edge.gateway.sse import Renamer, StreamState, StreamTooLarge, inspect, split_events
 
 if TYPE_CHECKING:
@@ -54,8 +55,13 @@ async def _pump(call: Call, response: UpstreamResponse, send: Send, state: Strea
     failure: errors.GatewayError | None = None
     try:
         async for chunk in response.aiter_raw():
-            out = [event + b"\n\n" for event in split_events(state, chunk)
-                   if not (inspect(state, event) and not wants_usage)]
+            out = []
+            for event in split_events(state, chunk):
+                usage_only = inspect(state, event)
+                if state.done and wants_usage and state.usage is None:  # the backend sent none: ours, counted
+                    out.append(await _counted_usage_event(call, state))
+                if wants_usage or not usage_only:
+                    out.append(event + b"\n\n")
             if out:
                 await send({"type": "http.response.body", "body": rename(b"".join(out)), "more_body": True})
             if state.done:
@@ -68,6 +74,17 @@ async def _pump(call: Call, response: UpstreamResponse, send: Send, state: Strea
         failure = errors.upstream_failed(502, "The model's backend ended the stream without finishing it.")
     tail = failure.sse_event() if failure is not None else b""
     await send({"type": "http.response.body", "body": tail, "more_body": False})
+
+
+async def _counted_usage_event(call: Call, state: StreamState) -> bytes:
+    """The usage chunk OpenAI would have sent, with the gateway's count (also what gets charged)."""
+    assert call.counter is not None
+    state.measured = await measure(state, call.endpoint, call.payload, call.counter)
+    prompt, _cached, completion, _estimated = state.measured
+    chunk = {"id": state.stream_id or f"chatcmpl-{call.request_id}", "object": state.stream_object,
+             "created": state.created or int(call.started.timestamp()), "model": call.model.name, "choices": [],
+             "usage": usage_object(call.endpoint, prompt, completion)}
+    return b"data: " + msgspec.json.encode(chunk) + b"\n\n"
 
 
 async def _client_gone(receive: Receive) -> None:

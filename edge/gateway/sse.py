@@ -24,6 +24,9 @@ class StreamState(Outcome):
 
     finished: bool = False
     done: bool = False
+    stream_id: str | None = None  # the first chunk's id, object and created: a usage chunk of our own repeats them
+    stream_object: str = "chat.completion.chunk"
+    created: int | None = None
     buffer: bytearray = field(default_factory=bytearray)
 
 
@@ -47,11 +50,22 @@ def split_events(state: StreamState, chunk: bytes) -> list[bytes]:
         del state.buffer[: end + 2]
 
 
+class _Head(msgspec.Struct):
+    id: str | None = None
+    object: str | None = None
+    created: int | None = None
+
+
+_head_decoder = msgspec.json.Decoder(_Head)
+
+
 def inspect(state: StreamState, event: bytes) -> bool:
     """Record what `event` tells; True when it is a usage-only chunk (empty choices, usage set)."""
     if event.startswith(DONE):
         state.done = True
         return False
+    if state.stream_id is None:
+        _read_head(state, event)
     if b'"usage":{' in event or b'"usage": {' in event:
         payload = _payload(event)
         if isinstance(payload, dict) and isinstance(payload.get("usage"), dict):
@@ -67,6 +81,16 @@ def inspect(state: StreamState, event: bytes) -> bool:
         state.content_events += 1
         collect_text(state, event.partition(b"data:")[2])
     return False
+
+
+def _read_head(state: StreamState, event: bytes) -> None:
+    try:
+        head = _head_decoder.decode(event.partition(b"data:")[2])
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return
+    state.stream_id = head.id or ""
+    state.stream_object = head.object or state.stream_object
+    state.created = head.created
 
 
 def _payload(event: bytes) -> Any:

@@ -346,23 +346,31 @@ def test_a_backend_without_usage_reports_is_metered_with_marked_estimates(stack:
         stack.app.add_model(SYSTEM, "quiet-counted", Deployment("q", BackendKind.OPENAI, base, "q",
                                                                 tokenizer=f"file:{tokenizer}"), prices)
         wait_for(lambda: {"quiet", "quiet-counted"} <= {m.id for m in client(stack).models.list()}, 2)
+        told = {}
         for model in ("quiet", "quiet-counted"):
             chunks = list(client(stack).chat.completions.create(
                 model=model, messages=[{"role": "user", "content": "hello 你好"}], stream=True,
                 stream_options={"include_usage": True}, extra_body={"fake_tokens": 12}))
-            assert all(c.usage is None for c in chunks)  # nothing to relay: the upstream reported none
+            for c in chunks:
+                validate(c.model_dump(exclude_unset=True), CHAT_CHUNK)
+            assert [c.usage is not None for c in chunks][-2:] == [False, True]  # the usage chunk comes last
+            assert chunks[-1].choices == [] and chunks[-1].id == chunks[0].id and chunks[-1].model == model
+            told[model] = (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens, 1)
 
         def entry(model: str) -> tuple[int, int, int] | None:
             with psycopg.connect(database_url) as conn:
                 row = conn.execute("SELECT tokens_prompt, tokens_completion, estimated_requests "
                                    "FROM lwapi_read.usage_rollups WHERE model = %s", (model,)).fetchone()
             return (row[0], row[1], row[2]) if row else None
-        wait_for(lambda: entry("quiet") is not None and entry("quiet-counted") is not None)
+        wait_for(lambda: entry("quiet") is not None and entry("quiet-counted") == told["quiet-counted"])
         # the estimate: one token per streamed text chunk; 3 + 4 + ceil(12 bytes / 4) for the prompt
-        assert entry("quiet") == (3 + 4 + 3, 12, 1)
+        assert entry("quiet") == told["quiet"] == (3 + 4 + 3, 12, 1)
         reference = Tokenizer.from_file(str(tokenizer))
         prompt = len(reference.encode("<s><|user|>\nhello 你好</s>\n<|assistant|>\n").ids)
-        assert entry("quiet-counted") == (prompt, len(reference.encode("tok " * 12).ids), 1)
+        assert told["quiet-counted"] == (prompt, len(reference.encode("tok " * 12).ids), 1)
+        whole = client(stack).chat.completions.create(model="quiet-counted", messages=[{"role": "user", "content": "x"}],
+                                                     extra_body={"fake_tokens": 5})
+        assert whole.usage is not None and whole.usage.completion_tokens == len(reference.encode("tok " * 5).ids)
     finally:
         quiet.terminate()
         quiet.wait(timeout=10)
