@@ -180,7 +180,10 @@ def discover_models(url: str, backend: str | None) -> tuple[BackendKind, str, li
         if answer.status_code == 200 and kind is BackendKind.OLLAMA and isinstance(body.get("models"), list):
             return kind, base, [m["name"] for m in body["models"] if isinstance(m, dict) and "name" in m]
         if answer.status_code == 200 and isinstance(body.get("data"), list):
-            return kind, base, [m["id"] for m in body["data"] if isinstance(m, dict) and "id" in m]
+            models = [m for m in body["data"] if isinstance(m, dict) and "id" in m]
+            says_vllm = backend is None and models and all(m.get("owned_by") == "vllm" for m in models)
+            # vLLM says so itself: then its /tokenize can count and its /health be probed
+            return (BackendKind.VLLM if says_vllm else kind), base, [m["id"] for m in models]
     raise click.ClickException(f"no Ollama or OpenAI-compatible model list answered at {url}")
 
 

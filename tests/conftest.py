@@ -6,6 +6,7 @@ starts an embedded one itself. A missing server is a failure, never a skip.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -83,17 +84,23 @@ def with_database(url: str, dbname: str) -> str:
     return urlunsplit(parts._replace(path="/" + dbname))
 
 
-@pytest.fixture
-def database_url(pg_server_url: str) -> Iterator[str]:
-    """A new, empty database on the test server, dropped after the test."""
+@contextlib.contextmanager
+def fresh_database(server_url: str) -> Iterator[str]:
+    """A new, empty database on the test server, dropped after."""
     name = "t_" + uuid.uuid4().hex[:16]
-    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+    with psycopg.connect(server_url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     try:
-        yield with_database(pg_server_url, name)
+        yield with_database(server_url, name)
     finally:
-        with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        with psycopg.connect(server_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def database_url(pg_server_url: str) -> Iterator[str]:
+    with fresh_database(pg_server_url) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
