@@ -26,6 +26,7 @@ from litestar.template.config import TemplateConfig
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from edge.gateway.service import running_gateway
+from edge.portal.admin_catalog import admin_catalog_routes
 from edge.portal.routes import portal_routes
 from edge.runtime import Runtime
 from edge.settings import Settings
@@ -83,7 +84,7 @@ def create_app(settings: Settings) -> Litestar:
         await scope["app"].state.gateway(scope, receive, send)
 
     return Litestar(
-        route_handlers=[healthz, metrics, v1, *portal_routes],
+        route_handlers=[healthz, metrics, v1, *portal_routes, *admin_catalog_routes],
         lifespan=[lifespan],
         template_config=TemplateConfig(directory=TEMPLATES, engine=JinjaTemplateEngine),
         middleware=[ServerSideSessionConfig(max_age=8 * 3600, httponly=True, samesite="lax",

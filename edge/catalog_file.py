@@ -23,6 +23,7 @@ deliberate `lwapi model remove`). Every change is an event like any other. Forma
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -37,7 +38,8 @@ from domain.pricing import Prices
 MODELS_MAX = 10_000
 
 
-def _deployment(d: dict[str, Any], model: str) -> Deployment:
+def deployment_from_fields(d: Mapping[str, Any], model: str) -> Deployment:
+    """A deployment from a catalog file's table or a portal form (numbers may arrive as text)."""
     if d.get("api_key_env") and d.get("api_key_file"):
         raise InvalidValue(f"model {model}: give api_key_env or api_key_file, not both")
     credential = f"env:{d['api_key_env']}" if d.get("api_key_env") else (
@@ -45,12 +47,20 @@ def _deployment(d: dict[str, Any], model: str) -> Deployment:
     try:
         return Deployment(name=str(d["name"]), backend=BackendKind(d["backend"]), base_url=str(d["base_url"]),
                           upstream_model=str(d.get("upstream_model") or model), credential_ref=credential,
-                          weight=d.get("weight", 1), timeout_ms=int(float(d.get("timeout_s", 600)) * 1000),
-                          tokenizer=d.get("tokenizer"))
+                          weight=_from_text(d.get("weight"), int, 1),
+                          timeout_ms=int(_from_text(d.get("timeout_s"), float, 600) * 1000),
+                          tokenizer=d.get("tokenizer") or None)
     except KeyError as e:
         raise InvalidValue(f"model {model}: a deployment lacks {e.args[0]!r}") from None
-    except ValueError as e:
+    except (ValueError, TypeError, OverflowError) as e:
         raise InvalidValue(f"model {model}: {e}") from None
+
+
+def _from_text(value: Any, kind: type, default: Any) -> Any:
+    """A form sends numbers as text; a file sends them as numbers, which the domain checks as they are."""
+    if value is None or value == "":
+        return default
+    return kind(value.strip()) if isinstance(value, str) else value
 
 
 def apply_catalog_file(app: Accounting, actor: Actor, path: Path) -> list[str]:
@@ -73,7 +83,7 @@ def apply_catalog_file(app: Accounting, actor: Actor, path: Path) -> list[str]:
 
 def _apply_model(app: Accounting, actor: Actor, entry: dict[str, Any]) -> list[str]:
     name = str(entry.get("name", ""))
-    deployments = [_deployment(d, name) for d in entry.get("deployments", [])]
+    deployments = [deployment_from_fields(d, name) for d in entry.get("deployments", [])]
     if not deployments:
         raise InvalidValue(f"model {name!r} needs at least one [[models.deployments]]")
     prices = Prices(entry.get("price_prompt", 0), entry.get("price_completion", 0), datetime.now(UTC),

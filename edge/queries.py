@@ -5,6 +5,8 @@ Imports: asyncpg, projections.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 from uuid import UUID
 
@@ -128,3 +130,15 @@ async def models(pool: asyncpg.Pool, include_removed: bool = False) -> list[dict
                        "deployments": json.loads(r["deployments"]), "created_at": r["created_at"],
                        "prices": current, "price_schedule": schedule})
     return result
+
+
+async def wait_until_projected(pool: asyncpg.Pool, position: int, timeout_s: float = 3.0) -> bool:
+    """Wait until every read model has applied the log up to `position` (a page shows what was just done)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        reached = await pool.fetchval(f"SELECT min(position) FROM {SCHEMA}.positions")
+        if reached is not None and reached >= position:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.02)

@@ -23,16 +23,16 @@ FORM = Body(media_type=RequestEncodingType.URL_ENCODED)
 LOGIN_FIELD_CHARS_MAX = 1024
 
 
-def _runtime(request: Request[Any, Any, Any]) -> Runtime:
+def runtime_of(request: Request[Any, Any, Any]) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
 
 
-async def _current_user(request: Request[Any, Any, Any]) -> dict[str, Any] | None:
+async def current_user(request: Request[Any, Any, Any]) -> dict[str, Any] | None:
     raw = request.session.get("user_id") if request.session else None
     if not raw:
         return None
-    runtime = _runtime(request)
+    runtime = runtime_of(request)
     assert runtime.pool is not None
     row = await runtime.pool.fetchrow(
         "SELECT user_id, email, display_name, is_admin FROM lwapi_read.users WHERE user_id = $1", UUID(raw))
@@ -41,10 +41,10 @@ async def _current_user(request: Request[Any, Any, Any]) -> dict[str, Any] | Non
 
 @get("/")
 async def home(request: Request[Any, Any, Any]) -> Template | Redirect:
-    user = await _current_user(request)
+    user = await current_user(request)
     if user is None:
         return Redirect("/login")
-    runtime = _runtime(request)
+    runtime = runtime_of(request)
     assert runtime.pool is not None
     projects = await queries.projects_of_user(runtime.pool, user["user_id"])
     return Template("projects.html", context={"user": user, "projects": projects})
@@ -59,7 +59,7 @@ async def login_page(request: Request[Any, Any, Any]) -> Template:
 async def login(request: Request[Any, Any, Any], data: dict[str, str] = FORM) -> Template | Redirect:
     email = str(data.get("email", ""))[:LOGIN_FIELD_CHARS_MAX]
     password = str(data.get("password", ""))[:LOGIN_FIELD_CHARS_MAX + 1]
-    accounting = _runtime(request).accounting
+    accounting = runtime_of(request).accounting
     try:
         user = await asyncio.to_thread(accounting.find_user_by_email, email)
         password_hash, user_id = user.password_hash, user.id

@@ -1,0 +1,95 @@
+"""The portal's model catalog for administrators: every change an event that the gateway follows."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from adapters.passwords import hash_password
+from tests.e2e.conftest import Stack
+from tests.e2e.test_service import login
+
+
+def portal(stack: Stack) -> httpx.Client:
+    return httpx.Client(base_url=stack.base_url.removesuffix("/v1"), follow_redirects=False, timeout=30)
+
+
+@pytest.fixture
+def admin(stack: Stack) -> Iterator[httpx.Client]:
+    with portal(stack) as client:
+        assert login(client, "ops@uni.edu", "admin-password-1").status_code in (302, 303)
+        yield client
+
+
+def post(client: httpx.Client, path: str, **form: str) -> httpx.Response:
+    return client.post(path, data={**form, "_csrf_token": client.cookies.get("csrftoken") or ""})
+
+
+def models_of(stack: Stack) -> set[str]:
+    api = openai.OpenAI(base_url=stack.base_url, api_key=stack.secret, max_retries=0)
+    return {m.id for m in api.models.list()}
+
+
+def wait_for(condition, timeout_s: float = 2.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def test_an_administrator_manages_the_catalog_from_the_portal(stack: Stack, admin: httpx.Client) -> None:
+    page = admin.get("/admin/models")
+    assert page.status_code == 200 and "llama" in page.text and "Add a model" in page.text
+    added = post(admin, "/admin/models", name="portal-model", description="Added in the portal",
+                 deployment="fake1", backend="openai", base_url=stack.upstream_url, upstream_model="fake-upstream",
+                 weight="2", timeout_s="30", price_prompt="100", price_completion="300")
+    assert added.status_code in (302, 303), added.text
+    shown = admin.get(added.headers["location"])
+    assert "Model portal-model added." in shown.text and "Added in the portal" in shown.text
+    wait_for(lambda: "portal-model" in models_of(stack))  # the gateway follows within a second
+    api = openai.OpenAI(base_url=stack.base_url, api_key=stack.secret, max_retries=0)
+    assert api.chat.completions.create(model="portal-model", messages=[{"role": "user", "content": "hi"}]).choices
+
+    assert post(admin, "/admin/models/portal-model/deployments", deployment="fake2", backend="openai",
+                base_url=stack.upstream_url, upstream_model="fake-upstream").status_code == 303
+    assert post(admin, "/admin/models/portal-model/prices", price_prompt="150", price_completion="450",
+                effective_at="2030-01-01T00:00").status_code == 303
+    assert post(admin, "/admin/models/portal-model/description", description="Now load-balanced").status_code == 303
+    assert post(admin, "/admin/models/portal-model/deployments/fake1/remove").status_code == 303
+    model = stack.app.get_model("portal-model")
+    assert [d.name for d in model.deployments] == ["fake2"] and model.description == "Now load-balanced"
+    assert [(p.prompt_per_mtok, p.effective_at.year) for p in model.price_schedule] == [(100, model.price_schedule[0]
+                                                                                         .effective_at.year), (150, 2030)]
+    assert post(admin, "/admin/models/portal-model/remove").status_code == 303
+    wait_for(lambda: "portal-model" not in models_of(stack))
+
+
+@pytest.mark.parametrize(("form", "message"), [
+    ({"name": "bad", "deployment": "d", "backend": "openai", "base_url": "ftp://x"}, "base URL must be"),
+    ({"name": "bad", "deployment": "d", "backend": "openai", "base_url": "http://h", "weight": "lots"}, "invalid literal"),
+    ({"name": "bad", "deployment": "d", "backend": "openai", "base_url": "http://h", "price_prompt": "-5"}, "price"),
+    ({"name": "bad", "deployment": "d", "backend": "carrier-pigeon", "base_url": "http://h"}, "carrier-pigeon"),
+    ({"name": "llama", "deployment": "d", "backend": "openai", "base_url": "http://h"}, "already exists"),
+    ({"name": "bad", "deployment": "d", "backend": "openai", "base_url": "http://h", "tokenizer": "magic"}, "tokenizer"),
+])
+def test_refused_changes_are_explained_on_the_page(stack: Stack, admin: httpx.Client, form: dict[str, str],
+                                                   message: str) -> None:
+    refused = post(admin, "/admin/models", **form)
+    assert refused.status_code == 400 and message in refused.text and 'role="alert"' in refused.text
+
+
+def test_people_who_are_not_administrators_cannot_see_or_change_the_catalog(stack: Stack) -> None:
+    with portal(stack) as anonymous:
+        assert anonymous.get("/admin/models").headers["location"] == "/login"
+    stack.app.set_password_hash(stack.user_id, hash_password("researcher-password-1"))
+    with portal(stack) as researcher:
+        assert login(researcher, "researcher@uni.edu", "researcher-password-1").status_code in (302, 303)
+        assert researcher.get("/admin/models").status_code == 403
+        refused = post(researcher, "/admin/models", name="sneaky", deployment="d", backend="openai",
+                       base_url=stack.upstream_url)
+        assert refused.status_code == 403
+    assert "sneaky" not in models_of(stack)
