@@ -46,11 +46,19 @@ def build_request(client: Http1Client, *, url: str, body: bytes, credential: str
                   timeout_s: float, request_id: str) -> Request:
     # identity: the relay passes bytes through and must not receive a compressed body it would not decode
     headers = {"content-type": "application/json", "accept": "application/json", "accept-encoding": "identity",
-               "x-request-id": request_id}
+               "x-request-id": upstream_request_id(request_id)}
     if credential:
         headers["authorization"] = f"Bearer {credential}"
     timeout = httpx.Timeout(connect=CONNECT_TIMEOUT_S, read=timeout_s, write=WRITE_TIMEOUT_S, pool=POOL_TIMEOUT_S)
     return client.build_request("POST", url, content=body, headers=headers, timeout=timeout)
+
+
+def upstream_request_id(request_id: str) -> str:
+    """Our request id in UUID form: some servers (llama-cpp-python's) refuse an x-request-id that is not one."""
+    hex_id = request_id.removeprefix("req_")
+    if len(hex_id) != 32:
+        return request_id
+    return f"{hex_id[:8]}-{hex_id[8:12]}-{hex_id[12:16]}-{hex_id[16:20]}-{hex_id[20:]}"
 
 
 def error_message(status: int, body: bytes) -> str:

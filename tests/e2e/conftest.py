@@ -196,3 +196,17 @@ def real_service(pg_server_url: str, models: list[tuple[str, Deployment, Prices]
             stop_service(service)
             app.close()
             shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def llamacpp_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A real llama.cpp server (llama-cpp-python's) for the tiny model's GGUF, started once per run (~1 s)."""
+    from tests.backends.llamacpp_server import start_llamacpp  # noqa: PLC0415
+    from tests.backends.tiny_gguf import write_gguf  # noqa: PLC0415
+
+    folder = tmp_path_factory.mktemp("llamacpp")
+    server = start_llamacpp(write_gguf(tiny_model_dir, folder / "tiny.gguf"), log_dir=folder)
+    try:
+        yield server
+    finally:
+        server.stop()
