@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,20 +20,23 @@ from typing import Any
 from litestar import Litestar, Request, Response, asgi, get
 from litestar.config.csrf import CSRFConfig
 from litestar.contrib.jinja import JinjaTemplateEngine
+from litestar.datastructures import CacheControlHeader
 from litestar.enums import ScopeType
-from litestar.middleware.session.server_side import ServerSideSessionConfig
-from litestar.stores.memory import MemoryStore
+from litestar.middleware.session.client_side import CookieBackendConfig
+from litestar.static_files import create_static_files_router
 from litestar.template.config import TemplateConfig
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from edge.gateway.service import running_gateway
 from edge.portal.admin_catalog import admin_catalog_routes
 from edge.portal.routes import portal_routes
-from edge.runtime import Runtime
+from edge.runtime import Runtime, load_pepper
 from edge.settings import Settings
 
 log = logging.getLogger("lwapi")
 TEMPLATES = Path(__file__).parent / "portal" / "templates"
+STATIC = Path(__file__).parent / "portal" / "static"
+SESSION_MAX_AGE_S = 8 * 3600
 FOLLOWER_STOP_TIMEOUT_S = 10.0
 
 
@@ -83,19 +87,29 @@ def create_app(settings: Settings) -> Litestar:
     async def v1(scope: Scope, receive: Receive, send: Send) -> None:
         await scope["app"].state.gateway(scope, receive, send)
 
+    # Sessions live in an encrypted cookie and CSRF tokens are signed, both with keys derived from the
+    # service's persistent secret: every worker and every restart accepts them.
+    master = load_pepper(settings)
+    secure = settings.secure_cookies
+    static = create_static_files_router(path="/static", directories=[STATIC],
+                                        cache_control=CacheControlHeader(max_age=3600, public=True))
     return Litestar(
-        route_handlers=[healthz, metrics, v1, *portal_routes, *admin_catalog_routes],
+        route_handlers=[healthz, metrics, v1, static, *portal_routes, *admin_catalog_routes],
         lifespan=[lifespan],
         template_config=TemplateConfig(directory=TEMPLATES, engine=JinjaTemplateEngine),
-        middleware=[ServerSideSessionConfig(max_age=8 * 3600, httponly=True, samesite="lax",
-                                            exclude=["/v1", "/metrics", "/healthz"]).middleware],
-        stores={"sessions": MemoryStore()},
-        csrf_config=CSRFConfig(secret=secrets.token_urlsafe(32), exclude=["/v1", "/healthz"],
-                               cookie_httponly=True, cookie_samesite="lax"),
+        middleware=[CookieBackendConfig(secret=_derived(master, "portal-session")[:32], max_age=SESSION_MAX_AGE_S,
+                                        httponly=True, samesite="lax", secure=secure, key="lwapi_session",
+                                        exclude=["/v1", "/metrics", "/healthz", "/static"]).middleware],
+        csrf_config=CSRFConfig(secret=_derived(master, "portal-csrf").hex(), exclude=["/v1", "/healthz"],
+                               cookie_httponly=True, cookie_samesite="lax", cookie_secure=secure),
         exception_handlers={},
         response_headers=[],
         debug=False,
     )
+
+
+def _derived(master: bytes, purpose: str) -> bytes:
+    return hmac.new(master, f"lwapi:{purpose}".encode(), hashlib.sha256).digest()
 
 
 def create_app_from_env() -> ASGIApp:

@@ -44,6 +44,8 @@ class Settings:
     """How often every deployment is probed (LWAPI_HEALTH_INTERVAL_S)."""
     catalog_file: Path | None = None
     """A TOML model catalog applied at start (LWAPI_CATALOG_FILE); see edge/catalog_file.py."""
+    secure_cookies: bool = False
+    """Send the portal's cookies only over HTTPS (LWAPI_SECURE_COOKIES=1): set it behind a TLS proxy."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -61,13 +63,15 @@ class Settings:
             redis_url=e.get("LWAPI_REDIS_URL") or None,
             health_interval_s=float(_int(e, "LWAPI_HEALTH_INTERVAL_S", 10, 1, 3600)),
             catalog_file=Path(e["LWAPI_CATALOG_FILE"]).absolute() if e.get("LWAPI_CATALOG_FILE") else None,
+            secure_cookies=e.get("LWAPI_SECURE_COOKIES", "").lower() in ("1", "true", "yes"),
         )
 
     def as_env(self) -> dict[str, str]:
         """The environment that `from_env` reads back into these settings (for worker processes)."""
         env = {"LWAPI_DATA_DIR": str(self.data_dir), "LWAPI_HOST": self.host, "LWAPI_PORT": str(self.port),
                "LWAPI_DB_POOL_SIZE": str(self.db_pool_size), "LWAPI_DB_TIMEOUT_S": str(int(self.db_timeout_s)),
-               "LWAPI_HEALTH_INTERVAL_S": str(int(self.health_interval_s))}
+               "LWAPI_HEALTH_INTERVAL_S": str(int(self.health_interval_s)),
+               "LWAPI_SECURE_COOKIES": "1" if self.secure_cookies else ""}
         optional = {"DATABASE_URL": self.database_url, "LWAPI_KEY_PEPPER": self.key_pepper_hex,
                     "LWAPI_ADMIN_EMAIL": self.admin_email, "LWAPI_ADMIN_PASSWORD": self.admin_password,
                     "LWAPI_REDIS_URL": self.redis_url,

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
-from litestar import Request, get, post
+from litestar import get, post
 from litestar.response import Redirect, Template
 
 from domain.access import Actor
@@ -23,32 +23,30 @@ from domain.pricing import Prices
 from edge import queries
 from edge.catalog_file import deployment_from_fields
 from edge.cli_support import parse_time
-from edge.portal.routes import FORM, current_user, runtime_of
+from edge.portal.context import AnyRequest, current_user, pool_of, render, runtime_of, settled, take_notice, translator
+from edge.portal.routes import FORM
 
 FIELD_CHARS_MAX = 2_000
 
 
-async def _admin(request: Request[Any, Any, Any]) -> Actor | Redirect | Template:
+async def _admin(request: AnyRequest) -> Actor | Redirect | Template:
     user = await current_user(request)
     if user is None:
         return Redirect("/login")
     if not user["is_admin"]:
-        return Template("forbidden.html", context={"user": user}, status_code=403)
+        return render(request, "forbidden.html", user=user, status_code=403)
     return Actor(user_id=user["user_id"], is_admin=True)
 
 
-async def _page(request: Request[Any, Any, Any], *, error: str | None = None, notice: str | None = None,
+async def _page(request: AnyRequest, *, error: str | None = None, notice: str | None = None,
                 status_code: int = 200) -> Template:
-    runtime = runtime_of(request)
-    assert runtime.pool is not None
-    models = await queries.models(runtime.pool)
-    return Template("admin_models.html", status_code=status_code, context={
-        "user": await current_user(request), "models": models, "backends": [b.value for b in BackendKind],
-        "error": error, "notice": notice})
+    models = await queries.models(pool_of(request))
+    return render(request, "admin_models.html", user=await current_user(request), status_code=status_code,
+                  models=models, backends=[b.value for b in BackendKind], error=error, notice=notice)
 
 
 @get("/admin/models")
-async def models_page(request: Request[Any, Any, Any]) -> Template | Redirect:
+async def models_page(request: AnyRequest) -> Template | Redirect:
     actor = await _admin(request)
     if not isinstance(actor, Actor):
         return actor
@@ -87,87 +85,87 @@ def _deployment_fields(form: Mapping[str, Any]) -> dict[str, Any]:
     return fields
 
 
-async def _apply(request: Request[Any, Any, Any], form: Mapping[str, Any],
-                 command: Callable[[Actor, Mapping[str, Any]], str]) -> Template | Redirect:
+Notice = tuple[str, dict[str, Any]]  # a message key of the catalog and its parameters
+
+
+async def _apply(request: AnyRequest, form: Mapping[str, Any],
+                 command: Callable[[Actor, Mapping[str, Any]], Notice]) -> Template | Redirect:
     """Run one catalog command for the logged-in administrator; success redirects (no resubmission)."""
     actor = await _admin(request)
     if not isinstance(actor, Actor):
         return actor
-    runtime = runtime_of(request)
+    t = translator(request)
     try:
-        notice = await asyncio.to_thread(command, actor, form)
+        key, params = await asyncio.to_thread(command, actor, form)
     except DomainError as e:
-        return await _page(request, error=str(e), status_code=400)
-    position = await asyncio.to_thread(runtime.accounting.recorder.max_notification_id)
-    assert runtime.pool is not None
-    await queries.wait_until_projected(runtime.pool, position or 0)
-    request.session["notice"] = notice
+        return await _page(request, error=t.error(e), status_code=400)
+    await settled(request)
+    request.session["notice"] = t(key, **params)
     return Redirect("/admin/models/done", status_code=303)  # see other: a reload does not post again
 
 
 @get("/admin/models/done")
-async def after_change(request: Request[Any, Any, Any]) -> Template | Redirect:
+async def after_change(request: AnyRequest) -> Template | Redirect:
     actor = await _admin(request)
     if not isinstance(actor, Actor):
         return actor
-    notice = request.session.pop("notice", None) if request.session else None
-    return await _page(request, notice=notice)
+    return await _page(request, notice=take_notice(request))
 
 
 @post("/admin/models")
-async def add_model(request: Request[Any, Any, Any], data: dict[str, Any] = FORM) -> Template | Redirect:
-    def command(actor: Actor, form: Mapping[str, Any]) -> str:
+async def add_model(request: AnyRequest, data: dict[str, Any] = FORM) -> Template | Redirect:
+    def command(actor: Actor, form: Mapping[str, Any]) -> Notice:
         name = _text(form, "name")
         deployment = deployment_from_fields(_deployment_fields(form), name)
         runtime_of(request).accounting.add_model(actor, name, deployment, _prices(form), _text(form, "description"))
-        return f"Model {name} added."
+        return "catalog.added", {"model": name}
     return await _apply(request, data, command)
 
 
 @post("/admin/models/{name:str}/deployments")
-async def add_deployment(request: Request[Any, Any, Any], name: str,
+async def add_deployment(request: AnyRequest, name: str,
                          data: dict[str, Any] = FORM) -> Template | Redirect:
-    def command(actor: Actor, form: Mapping[str, Any]) -> str:
+    def command(actor: Actor, form: Mapping[str, Any]) -> Notice:
         deployment = deployment_from_fields(_deployment_fields(form), name)
         runtime_of(request).accounting.change_model(actor, name,
                                                     partial(ServedModel.add_deployment, deployment=deployment))
-        return f"Deployment {deployment.name} added to {name}."
+        return "catalog.deployment_added", {"deployment": deployment.name, "model": name}
     return await _apply(request, data, command)
 
 
 @post("/admin/models/{name:str}/deployments/{deployment:str}/remove")
-async def remove_deployment(request: Request[Any, Any, Any], name: str, deployment: str,
+async def remove_deployment(request: AnyRequest, name: str, deployment: str,
                             data: dict[str, Any] = FORM) -> Template | Redirect:
-    def command(actor: Actor, _form: Mapping[str, Any]) -> str:
+    def command(actor: Actor, _form: Mapping[str, Any]) -> Notice:
         runtime_of(request).accounting.change_model(
             actor, name, partial(ServedModel.remove_deployment, deployment_name=deployment))
-        return f"Deployment {deployment} removed from {name}."
+        return "catalog.deployment_removed", {"deployment": deployment, "model": name}
     return await _apply(request, data, command)
 
 
 @post("/admin/models/{name:str}/prices")
-async def change_prices(request: Request[Any, Any, Any], name: str, data: dict[str, Any] = FORM) -> Template | Redirect:
-    def command(actor: Actor, form: Mapping[str, Any]) -> str:
+async def change_prices(request: AnyRequest, name: str, data: dict[str, Any] = FORM) -> Template | Redirect:
+    def command(actor: Actor, form: Mapping[str, Any]) -> Notice:
         prices = _prices(form)
         runtime_of(request).accounting.change_model(actor, name, partial(ServedModel.change_prices, prices=prices))
-        return f"New prices for {name} from {prices.effective_at:%Y-%m-%d %H:%M} UTC."
+        return "catalog.prices_changed", {"model": name, "when": f"{prices.effective_at:%Y-%m-%d %H:%M}"}
     return await _apply(request, data, command)
 
 
 @post("/admin/models/{name:str}/description")
-async def describe(request: Request[Any, Any, Any], name: str, data: dict[str, Any] = FORM) -> Template | Redirect:
-    def command(actor: Actor, form: Mapping[str, Any]) -> str:
+async def describe(request: AnyRequest, name: str, data: dict[str, Any] = FORM) -> Template | Redirect:
+    def command(actor: Actor, form: Mapping[str, Any]) -> Notice:
         text = _text(form, "description")
         runtime_of(request).accounting.change_model(actor, name, lambda m: m.describe(text))
-        return f"Description of {name} changed."
+        return "catalog.described", {"model": name}
     return await _apply(request, data, command)
 
 
 @post("/admin/models/{name:str}/remove")
-async def remove_model(request: Request[Any, Any, Any], name: str, data: dict[str, Any] = FORM) -> Template | Redirect:
-    def command(actor: Actor, _form: Mapping[str, Any]) -> str:
+async def remove_model(request: AnyRequest, name: str, data: dict[str, Any] = FORM) -> Template | Redirect:
+    def command(actor: Actor, _form: Mapping[str, Any]) -> Notice:
         runtime_of(request).accounting.change_model(actor, name, lambda m: m.remove())
-        return f"Model {name} removed (its history stays; adding the name again restores it)."
+        return "catalog.removed", {"model": name}
     return await _apply(request, data, command)
 
 

@@ -1,15 +1,15 @@
-"""Portal pages: log in with a local account, see one's projects, log out.
+"""Portal pages for everyone: log in with a local account, choose a language, see one's projects, log out.
 
-Imports: everything inward. The full portal (keys, members, usage, SSO, languages) builds on these.
+Imports: everything inward.
 """
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
-from uuid import UUID
+from urllib.parse import urlsplit
 
-from litestar import Request, get, post
+from litestar import get, post
 from litestar.enums import RequestEncodingType
 from litestar.params import Body
 from litestar.response import Redirect, Template
@@ -17,67 +17,78 @@ from litestar.response import Redirect, Template
 from adapters.passwords import verify_password
 from domain.errors import DomainError, UserNotFound
 from edge import queries
-from edge.runtime import Runtime
+from edge.portal.context import AnyRequest, current_user, pool_of, render, runtime_of, translator
+from edge.portal.i18n import COOKIE, LANGUAGES
+from edge.portal.throttle import LoginThrottle
 
 FORM = Body(media_type=RequestEncodingType.URL_ENCODED)
 LOGIN_FIELD_CHARS_MAX = 1024
-
-
-def runtime_of(request: Request[Any, Any, Any]) -> Runtime:
-    runtime: Runtime = request.app.state.runtime
-    return runtime
-
-
-async def current_user(request: Request[Any, Any, Any]) -> dict[str, Any] | None:
-    raw = request.session.get("user_id") if request.session else None
-    if not raw:
-        return None
-    runtime = runtime_of(request)
-    assert runtime.pool is not None
-    row = await runtime.pool.fetchrow(
-        "SELECT user_id, email, display_name, is_admin FROM lwapi_read.users WHERE user_id = $1", UUID(raw))
-    return dict(row) if row else None
+LANGUAGE_COOKIE_MAX_AGE_S = 400 * 24 * 3600
+_throttle = LoginThrottle()
 
 
 @get("/")
-async def home(request: Request[Any, Any, Any]) -> Template | Redirect:
+async def home(request: AnyRequest) -> Template | Redirect:
     user = await current_user(request)
     if user is None:
         return Redirect("/login")
-    runtime = runtime_of(request)
-    assert runtime.pool is not None
-    projects = await queries.projects_of_user(runtime.pool, user["user_id"])
-    return Template("projects.html", context={"user": user, "projects": projects})
+    projects = await queries.projects_of_user(pool_of(request), user["user_id"])
+    return render(request, "projects.html", user=user, projects=projects)
 
 
 @get("/login")
-async def login_page(request: Request[Any, Any, Any]) -> Template:
-    return Template("login.html", context={"user": None, "error": None, "email": ""})
+async def login_page(request: AnyRequest) -> Template:
+    return render(request, "login.html", user=None, error=None, email="")
 
 
 @post("/login")
-async def login(request: Request[Any, Any, Any], data: dict[str, str] = FORM) -> Template | Redirect:
+async def login(request: AnyRequest, data: dict[str, str] = FORM) -> Template | Redirect:
     email = str(data.get("email", ""))[:LOGIN_FIELD_CHARS_MAX]
     password = str(data.get("password", ""))[:LOGIN_FIELD_CHARS_MAX + 1]
+    address = request.client.host if request.client else "?"
+    t = translator(request)
+    if wait := _throttle.wait_s(email, address):
+        return render(request, "login.html", user=None, error=t("login.throttled", seconds=wait), email=email,
+                      status_code=429)
     accounting = runtime_of(request).accounting
     try:
         user = await asyncio.to_thread(accounting.find_user_by_email, email)
         password_hash, user_id = user.password_hash, user.id
     except (UserNotFound, DomainError):
         password_hash, user_id = None, None
-    ok = await asyncio.to_thread(verify_password, password_hash, password)
+    ok = await asyncio.to_thread(verify_password, password_hash, password)  # also without a user: same time
     if not ok or user_id is None:
-        return Template("login.html", context={"user": None, "error": "Wrong e-mail or password.", "email": email},
-                        status_code=401)
-    request.clear_session()  # a fresh session id at login: no fixation
+        _throttle.failed(email, address)
+        return render(request, "login.html", user=None, error=t("login.wrong"), email=email, status_code=401)
+    _throttle.succeeded(email, address)
+    request.clear_session()  # a fresh session at login: no fixation
     request.set_session({"user_id": str(user_id)})
-    return Redirect("/")
+    return Redirect("/", status_code=303)
 
 
 @post("/logout")
-async def logout(request: Request[Any, Any, Any]) -> Redirect:
+async def logout(request: AnyRequest) -> Redirect:
     request.clear_session()
-    return Redirect("/login")
+    return Redirect("/login", status_code=303)
 
 
-portal_routes = [home, login_page, login, logout]
+@post("/language")
+async def choose_language(request: AnyRequest, data: dict[str, str] = FORM) -> Redirect:
+    """Remember the language in a cookie and go back to the page the switch was on (same site only)."""
+    language = data.get("language", "")
+    back = _local_path(data.get("next", "/"))
+    response = Redirect(back, status_code=303)
+    if language in LANGUAGES:
+        response.set_cookie(COOKIE, language, max_age=LANGUAGE_COOKIE_MAX_AGE_S, httponly=True, samesite="lax")
+    return response
+
+
+def _local_path(target: Any) -> str:
+    """Only a path on this site: never an open redirect."""
+    if not isinstance(target, str) or not target.startswith("/") or target.startswith("//"):
+        return "/"
+    parts = urlsplit(target)
+    return parts.path + (f"?{parts.query}" if parts.query else "") if not parts.netloc else "/"
+
+
+portal_routes = [home, login_page, login, logout, choose_language]

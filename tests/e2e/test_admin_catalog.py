@@ -14,8 +14,9 @@ from tests.e2e.conftest import Stack
 from tests.e2e.test_service import login
 
 
-def portal(stack: Stack) -> httpx.Client:
-    return httpx.Client(base_url=stack.base_url.removesuffix("/v1"), follow_redirects=False, timeout=30)
+def portal(stack: Stack, language: str = "en") -> httpx.Client:
+    return httpx.Client(base_url=stack.base_url.removesuffix("/v1"), follow_redirects=False, timeout=30,
+                        cookies={"lwapi_lang": language})
 
 
 @pytest.fixture
@@ -80,6 +81,15 @@ def test_refused_changes_are_explained_on_the_page(stack: Stack, admin: httpx.Cl
                                                    message: str) -> None:
     refused = post(admin, "/admin/models", **form)
     assert refused.status_code == 400 and message in refused.text and 'role="alert"' in refused.text
+
+
+def test_the_catalog_speaks_traditional_chinese_by_default(stack: Stack) -> None:
+    with httpx.Client(base_url=stack.base_url.removesuffix("/v1"), follow_redirects=False, timeout=30) as client:
+        assert login(client, "ops@uni.edu", "admin-password-1").status_code in (302, 303)
+        page = client.get("/admin/models")
+        assert page.status_code == 200 and "模型目錄" in page.text and '<html lang="zh-TW"' in page.text
+        refused = post(client, "/admin/models", name="bad", deployment="d", backend="openai", base_url="ftp://x")
+        assert refused.status_code == 400 and "輸入內容有誤" in refused.text and "base URL must be" in refused.text
 
 
 def test_people_who_are_not_administrators_cannot_see_or_change_the_catalog(stack: Stack) -> None:

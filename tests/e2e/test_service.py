@@ -92,13 +92,15 @@ def test_embedded_default_first_admin_login_and_restart(data_dir: Path) -> None:
                         "".join(service.output))
     assert printed, "".join(service.output)
     email, password = printed.groups()
-    with httpx.Client(base_url=service.base, follow_redirects=False, timeout=10) as client:
+    with httpx.Client(base_url=service.base, follow_redirects=False, timeout=10,
+                      cookies={"lwapi_lang": "en"}) as client:
         assert client.get("/").headers["location"] == "/login"
         wrong = login(client, email, "wrong password")
         assert wrong.status_code == 401 and "Wrong e-mail or password" in wrong.text
         ok = login(client, email, password)
         assert ok.status_code in (302, 303) and ok.headers["location"] == "/"
         assert "not a member of any project" in client.get("/").text
+        session = httpx.Cookies(client.cookies)
     # the CLI shares the running service's embedded server
     cli(data_dir, "project", "create", "astro", "--name", "Astro Lab", "--creator", email)
     cli(data_dir, "credits", "grant", "astro", "1234567", "--reason", "start")
@@ -109,9 +111,8 @@ def test_embedded_default_first_admin_login_and_restart(data_dir: Path) -> None:
 
     again = Service(data_dir)  # data survives; no second administrator or password
     assert "Password (shown only this once)" not in "".join(again.output)
-    with httpx.Client(base_url=again.base, follow_redirects=False, timeout=10) as client:
-        login(client, email, password)
-        home = client.get("/")
+    with httpx.Client(base_url=again.base, follow_redirects=False, timeout=10, cookies=session) as client:
+        home = client.get("/")  # the session outlives the restart: no second login
         assert "Astro Lab" in home.text and "1,234,567" in home.text
         models = client.get("/v1/models", headers={"Authorization": f"Bearer {secret}"})
         assert models.status_code == 200 and models.json() == {"object": "list", "data": []}

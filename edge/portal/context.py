@@ -1,0 +1,71 @@
+"""What every portal page needs: the runtime, the person logged in, their language, and rendering.
+
+Imports: everything inward. Pages read the read models (`edge.queries`); changes go through the
+`Accounting` application's commands, then `settled()` waits until the read models show them, so the
+page that follows a change shows it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+from uuid import UUID
+
+from litestar import Request
+from litestar.response import Template
+
+from edge import queries
+from edge.portal.i18n import COOKIE, LANGUAGE_NAMES, Translator, negotiate
+from edge.runtime import Runtime
+
+AnyRequest = Request[Any, Any, Any]
+
+
+def runtime_of(request: AnyRequest) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+def pool_of(request: AnyRequest) -> Any:
+    pool = runtime_of(request).pool
+    assert pool is not None
+    return pool
+
+
+def translator(request: AnyRequest) -> Translator:
+    return Translator(negotiate(request.cookies.get(COOKIE), request.headers.get("accept-language")))
+
+
+async def current_user(request: AnyRequest) -> dict[str, Any] | None:
+    raw = request.session.get("user_id") if request.session else None
+    if not raw:
+        return None
+    try:
+        user_id = UUID(raw)
+    except ValueError:
+        return None
+    row = await pool_of(request).fetchrow(
+        "SELECT user_id, email, display_name, is_admin FROM lwapi_read.users WHERE user_id = $1", user_id)
+    return dict(row) if row else None
+
+
+async def settled(request: AnyRequest) -> None:
+    """Wait until the read models have applied everything written so far (bounded)."""
+    position = await asyncio.to_thread(runtime_of(request).accounting.recorder.max_notification_id)
+    await queries.wait_until_projected(pool_of(request), position or 0)
+
+
+def render(request: AnyRequest, template: str, *, user: dict[str, Any] | None, status_code: int = 200,
+           **context: Any) -> Template:
+    t = translator(request)
+    return Template(template, status_code=status_code, context={
+        "t": t, "lang": t.language, "languages": LANGUAGE_NAMES, "user": user, "path": request.url.path,
+        "project": None, "role": None, **context})
+
+
+def take_notice(request: AnyRequest) -> str | None:
+    """A message left by the change that redirected here (shown once)."""
+    if not request.session:
+        return None
+    notice = request.session.pop("notice", None)
+    return notice if isinstance(notice, str) else None
