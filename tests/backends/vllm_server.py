@@ -81,10 +81,11 @@ def minilm_dir() -> Path:
 
 def start_vllm(model_dir: Path, *, port: int | None = None, served_name: str = "tiny-llama", pooling: bool = False,
                log_dir: Path, max_model_len: int | None = None, extra_args: tuple[str, ...] = (),
-               timeout_s: float = 240.0) -> ServerProcess:
+               timeout_s: float = 240.0, cpus: str | None = None) -> ServerProcess:
     """Start vLLM's OpenAI server on 127.0.0.1 for `model_dir` (model id `served_name`); stop it with `.stop()`.
 
-    pooling=True serves an embedding model (/v1/embeddings) instead of a generative one. max_model_len
+    pooling=True serves an embedding model (/v1/embeddings) instead of a generative one. `cpus` (taskset's list,
+    e.g. "0") confines every vLLM process to those cores, for benchmarks that keep the rest for others. max_model_len
     defaults to 512 for generation and to the model's own limit for pooling (MiniLM: 256; asking for more fails).
     """
     port = port or free_port()
@@ -100,8 +101,12 @@ def start_vllm(model_dir: Path, *, port: int | None = None, served_name: str = "
     if pooling:
         command += ["--runner", "pooling"]
     command += extra_args
+    env = dict(ENV)
+    if cpus is not None:  # all of vLLM (API server, engine core, worker threads) on these cores only
+        command = ["taskset", "-c", cpus, *command]
+        env["VLLM_CPU_OMP_THREADS_BIND"] = cpus
     return start_server(f"vLLM ({served_name})", command, port=port, health_path=HEALTH_PATH,
-                        log_path=log_dir / f"vllm-{served_name}-{port}.log", env=ENV, timeout_s=timeout_s)
+                        log_path=log_dir / f"vllm-{served_name}-{port}.log", env=env, timeout_s=timeout_s)
 
 
 def make_tiny_model(work_dir: Path) -> Path:
