@@ -29,6 +29,7 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 
 from edge.gateway.service import running_gateway
 from edge.portal.admin_catalog import admin_catalog_routes
+from edge.portal.project_pages import project_routes
 from edge.portal.routes import portal_routes
 from edge.runtime import Runtime, load_pepper
 from edge.settings import Settings
@@ -94,7 +95,7 @@ def create_app(settings: Settings) -> Litestar:
     static = create_static_files_router(path="/static", directories=[STATIC],
                                         cache_control=CacheControlHeader(max_age=3600, public=True))
     return Litestar(
-        route_handlers=[healthz, metrics, v1, static, *portal_routes, *admin_catalog_routes],
+        route_handlers=[healthz, metrics, v1, static, *portal_routes, *project_routes, *admin_catalog_routes],
         lifespan=[lifespan],
         template_config=TemplateConfig(directory=TEMPLATES, engine=JinjaTemplateEngine),
         middleware=[CookieBackendConfig(secret=_derived(master, "portal-session")[:32], max_age=SESSION_MAX_AGE_S,
@@ -102,10 +103,17 @@ def create_app(settings: Settings) -> Litestar:
                                         exclude=["/v1", "/metrics", "/healthz", "/static"]).middleware],
         csrf_config=CSRFConfig(secret=_derived(master, "portal-csrf").hex(), exclude=["/v1", "/healthz"],
                                cookie_httponly=True, cookie_samesite="lax", cookie_secure=secure),
-        exception_handlers={},
+        exception_handlers={500: _internal_error},
         response_headers=[],
         debug=False,
     )
+
+
+def _internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[str]:
+    """A bug: logged with its traceback (never with secrets: the request's form is not logged), and a plain page."""
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return Response("Something went wrong on our side; it has been logged. Please try again later.",
+                    status_code=500, media_type="text/plain; charset=utf-8")
 
 
 def _derived(master: bytes, purpose: str) -> bytes:

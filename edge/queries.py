@@ -17,8 +17,14 @@ from projections.base import SCHEMA
 ROWS_MAX = 10_000
 
 
+def plain(record: asyncpg.Record) -> dict[str, Any]:
+    """A row as a dict of plain values: asyncpg's own UUID type becomes `uuid.UUID`, which the domain (and its
+    event transcoder) knows."""
+    return {k: UUID(bytes=v.bytes) if isinstance(v, UUID) and type(v) is not UUID else v for k, v in record.items()}
+
+
 def _rows(records: list[asyncpg.Record]) -> list[dict[str, Any]]:
-    return [dict(r) for r in records]
+    return [plain(r) for r in records]
 
 
 async def users(pool: asyncpg.Pool) -> list[dict[str, Any]]:
@@ -49,7 +55,7 @@ async def project(pool: asyncpg.Pool, project_id: UUID) -> dict[str, Any]:
         f"b.tokens_prompt, b.tokens_completion FROM {SCHEMA}.projects p "
         f"JOIN {SCHEMA}.balances b USING (project_id) "
         f"LEFT JOIN {SCHEMA}.users u ON u.user_id = p.creator_id WHERE p.project_id = $1", project_id)
-    return dict(row) if row else {}
+    return plain(row) if row else {}
 
 
 async def members(pool: asyncpg.Pool, project_id: UUID) -> list[dict[str, Any]]:
@@ -76,7 +82,7 @@ async def key(pool: asyncpg.Pool, key_id: UUID) -> dict[str, Any]:
         f"k.cap_credits, k.valid_from, k.valid_until, k.allowed_models, k.created_at, k.revoked_at, "
         f"coalesce(ku.cost_credits, 0) AS used_credits, coalesce(ku.requests, 0) AS requests "
         f"FROM {SCHEMA}.api_keys k LEFT JOIN {SCHEMA}.key_usage ku USING (key_id) WHERE k.key_id = $1", key_id)
-    return dict(row) if row else {}
+    return plain(row) if row else {}
 
 
 async def projection_status(pool: asyncpg.Pool) -> list[dict[str, Any]]:
@@ -142,3 +148,35 @@ async def wait_until_projected(pool: asyncpg.Pool, position: int, timeout_s: flo
         if time.monotonic() >= deadline:
             return False
         await asyncio.sleep(0.02)
+
+
+async def project_by_code(pool: asyncpg.Pool, code: str, user_id: UUID) -> dict[str, Any] | None:
+    """The project with this code, its balance, and the user's role in it (None when not a member)."""
+    row = await pool.fetchrow(
+        f"SELECT p.project_id, p.code, p.name, p.archived, b.granted_credits, b.corrections_credits, "
+        f"b.charged_credits, b.remaining_credits, m.role FROM {SCHEMA}.projects p "
+        f"JOIN {SCHEMA}.balances b USING (project_id) "
+        f"LEFT JOIN {SCHEMA}.memberships m ON m.project_id = p.project_id AND m.user_id = $2 "
+        f"WHERE p.code = $1", code, user_id)
+    return plain(row) if row else None
+
+
+async def keys_visible_to(pool: asyncpg.Pool, project_id: UUID, user_id: UUID | None) -> list[dict[str, Any]]:
+    """The project's keys with their usage; only the user's own when `user_id` is given."""
+    return _rows(await pool.fetch(
+        f"SELECT k.key_id, k.owner_id, k.name, k.display_prefix, u.display_name AS owner, k.rpm_limit, k.tpm_limit, "
+        f"k.cap_credits, coalesce(ku.cost_credits, 0) AS used_credits, coalesce(ku.requests, 0) AS requests, "
+        f"k.valid_from, k.valid_until, k.allowed_models, k.created_at, k.revoked_at "
+        f"FROM {SCHEMA}.api_keys k LEFT JOIN {SCHEMA}.key_usage ku USING (key_id) "
+        f"LEFT JOIN {SCHEMA}.users u ON u.user_id = k.owner_id "
+        f"WHERE k.project_id = $1 AND ($2::uuid IS NULL OR k.owner_id = $2) "
+        f"ORDER BY k.revoked_at IS NOT NULL, k.created_at DESC LIMIT {ROWS_MAX}", project_id, user_id))
+
+
+async def usage_by_day(pool: asyncpg.Pool, project_id: UUID, days: int) -> list[dict[str, Any]]:
+    return _rows(await pool.fetch(
+        f"SELECT (date_trunc('day', hour AT TIME ZONE 'UTC'))::date AS day, sum(requests)::bigint AS requests, "
+        f"sum(tokens_prompt)::bigint AS tokens_prompt, sum(tokens_completion)::bigint AS tokens_completion, "
+        f"sum(cost_credits)::bigint AS cost_credits FROM {SCHEMA}.usage_rollups "
+        f"WHERE project_id = $1 AND hour >= now() - make_interval(days => $2) GROUP BY 1 ORDER BY 1 DESC",
+        project_id, days))

@@ -46,7 +46,7 @@ async def current_user(request: AnyRequest) -> dict[str, Any] | None:
         return None
     row = await pool_of(request).fetchrow(
         "SELECT user_id, email, display_name, is_admin FROM lwapi_read.users WHERE user_id = $1", user_id)
-    return dict(row) if row else None
+    return queries.plain(row) if row else None
 
 
 async def settled(request: AnyRequest) -> None:
