@@ -141,6 +141,27 @@ class Accounting(Application[UUID]):
             raise UserNotFound("no user with this identity")
         return self.get_user(user_id)
 
+    def sign_in_with_identity(self, subject: str, *, email: str, email_verified: bool, display_name: str) -> UUID:
+        """The user behind an SSO identity: known by subject (profile kept up to date from the claims), or
+        the user registered with this e-mail and no identity yet (only when the provider verified the
+        e-mail), or a new user."""
+        user_id = self._find_subject(subject)
+        if user_id is not None:
+            user = self.get_user(user_id)
+            if (user.display_name, user.email) != (display_name, email):
+                self.update_profile(user_id, display_name=display_name, email=email)
+            return user_id
+        try:
+            existing = self.find_user_by_email(email)
+        except UserNotFound:
+            return self.register_user(email, display_name, subject=subject)
+        if not email_verified or existing.subject is not None:
+            raise EmailTaken(f"e-mail {email} already belongs to another account: ask an administrator to link them")
+        existing.link_subject(subject)
+        self._save_unique(existing, SubjectIndex(existing.subject, existing.id),  # type: ignore[arg-type]
+                          error=SubjectTaken("this identity already belongs to a user"))
+        return existing.id
+
     def update_profile(self, user_id: UUID, *, display_name: str, email: str) -> None:
         user = self.get_user(user_id)
         old_email = user.email
@@ -199,6 +220,11 @@ class Accounting(Application[UUID]):
         self.get_user(user_id)
         project.add_member(user_id, role)
         self.save(project)
+
+    def require_member_manager(self, actor: Actor, project_id: UUID, role: Role) -> None:
+        """Refuses unless `actor` may add or remove members of `role` in the project (checked before inviting)."""
+        project = self.get_project(project_id)
+        access.require_member_management(actor, project.role_of(actor.user_id), role)
 
     def change_role(self, actor: Actor, project_id: UUID, user_id: UUID, role: Role) -> None:
         project = self.get_project(project_id)

@@ -42,6 +42,9 @@ class User(Aggregate):
     class AdminChanged(Aggregate.Event):
         is_admin: bool
 
+    class SubjectLinked(Aggregate.Event):
+        subject: str
+
     @event(Registered)
     def __init__(
         self,
@@ -103,6 +106,16 @@ class User(Aggregate):
     @event(AdminChanged)
     def _admin_changed(self, is_admin: bool) -> None:
         self.is_admin = is_admin
+
+    def link_subject(self, subject: str) -> None:
+        """An SSO identity for a user who had none (registered by e-mail before their first SSO login)."""
+        if self.subject is not None:
+            raise InvalidValue("this user already has a single sign-on identity")
+        self._subject_linked(subject=clean_text(subject, "subject", chars_max=SUBJECT_CHARS_MAX))
+
+    @event(SubjectLinked)
+    def _subject_linked(self, subject: str) -> None:
+        self.subject = subject
 
 
 class EmailIndex(Aggregate):

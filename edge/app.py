@@ -20,17 +20,20 @@ from typing import Any
 from litestar import Litestar, Request, Response, asgi, get
 from litestar.config.csrf import CSRFConfig
 from litestar.contrib.jinja import JinjaTemplateEngine
-from litestar.datastructures import CacheControlHeader
+from litestar.datastructures import CacheControlHeader, State
 from litestar.enums import ScopeType
 from litestar.middleware.session.client_side import CookieBackendConfig
 from litestar.static_files import create_static_files_router
 from litestar.template.config import TemplateConfig
 from litestar.types import ASGIApp, Receive, Scope, Send
 
+from adapters.oidc import OidcClient
 from edge.gateway.service import running_gateway
 from edge.portal.admin_catalog import admin_catalog_routes
+from edge.portal.members import member_routes
 from edge.portal.project_pages import project_routes
 from edge.portal.routes import portal_routes
+from edge.portal.sso import sso_routes
 from edge.runtime import Runtime, load_pepper
 from edge.settings import Settings
 
@@ -95,7 +98,9 @@ def create_app(settings: Settings) -> Litestar:
     static = create_static_files_router(path="/static", directories=[STATIC],
                                         cache_control=CacheControlHeader(max_age=3600, public=True))
     return Litestar(
-        route_handlers=[healthz, metrics, v1, static, *portal_routes, *project_routes, *admin_catalog_routes],
+        route_handlers=[healthz, metrics, v1, static, *portal_routes, *sso_routes, *project_routes, *member_routes,
+                        *admin_catalog_routes],
+        state=State({"oidc": _oidc(settings)}),
         lifespan=[lifespan],
         template_config=TemplateConfig(directory=TEMPLATES, engine=JinjaTemplateEngine),
         middleware=[CookieBackendConfig(secret=_derived(master, "portal-session")[:32], max_age=SESSION_MAX_AGE_S,
@@ -114,6 +119,12 @@ def _internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return Response("Something went wrong on our side; it has been logged. Please try again later.",
                     status_code=500, media_type="text/plain; charset=utf-8")
+
+
+def _oidc(settings: Settings) -> OidcClient | None:
+    if settings.oidc_issuer and settings.oidc_client_id and settings.oidc_client_secret:
+        return OidcClient(settings.oidc_issuer, settings.oidc_client_id, settings.oidc_client_secret)
+    return None
 
 
 def _derived(master: bytes, purpose: str) -> bytes:

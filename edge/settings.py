@@ -46,6 +46,16 @@ class Settings:
     """A TOML model catalog applied at start (LWAPI_CATALOG_FILE); see edge/catalog_file.py."""
     secure_cookies: bool = False
     """Send the portal's cookies only over HTTPS (LWAPI_SECURE_COOKIES=1): set it behind a TLS proxy."""
+    oidc_issuer: str | None = None
+    """Institutional single sign-on: the OpenID provider's issuer URL (LWAPI_OIDC_ISSUER)."""
+    oidc_client_id: str | None = None
+    """This service's client id at the provider (LWAPI_OIDC_CLIENT_ID)."""
+    oidc_client_secret: str | None = None
+    """Its client secret (LWAPI_OIDC_CLIENT_SECRET, or a file named by LWAPI_OIDC_CLIENT_SECRET_FILE)."""
+    public_url: str | None = None
+    """The portal's address as people reach it (LWAPI_PUBLIC_URL), for the SSO redirect; default: as requested."""
+    no_project_text: str | None = None
+    """What a person without a project reads, e.g. whom to ask (LWAPI_NO_PROJECT_TEXT)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -64,6 +74,11 @@ class Settings:
             health_interval_s=float(_int(e, "LWAPI_HEALTH_INTERVAL_S", 10, 1, 3600)),
             catalog_file=Path(e["LWAPI_CATALOG_FILE"]).absolute() if e.get("LWAPI_CATALOG_FILE") else None,
             secure_cookies=e.get("LWAPI_SECURE_COOKIES", "").lower() in ("1", "true", "yes"),
+            oidc_issuer=e.get("LWAPI_OIDC_ISSUER") or None,
+            oidc_client_id=e.get("LWAPI_OIDC_CLIENT_ID") or None,
+            oidc_client_secret=e.get("LWAPI_OIDC_CLIENT_SECRET") or _file(e.get("LWAPI_OIDC_CLIENT_SECRET_FILE")),
+            public_url=(e.get("LWAPI_PUBLIC_URL") or "").rstrip("/") or None,
+            no_project_text=e.get("LWAPI_NO_PROJECT_TEXT") or None,
         )
 
     def as_env(self) -> dict[str, str]:
@@ -75,7 +90,10 @@ class Settings:
         optional = {"DATABASE_URL": self.database_url, "LWAPI_KEY_PEPPER": self.key_pepper_hex,
                     "LWAPI_ADMIN_EMAIL": self.admin_email, "LWAPI_ADMIN_PASSWORD": self.admin_password,
                     "LWAPI_REDIS_URL": self.redis_url,
-                    "LWAPI_CATALOG_FILE": str(self.catalog_file) if self.catalog_file else None}
+                    "LWAPI_CATALOG_FILE": str(self.catalog_file) if self.catalog_file else None,
+                    "LWAPI_OIDC_ISSUER": self.oidc_issuer, "LWAPI_OIDC_CLIENT_ID": self.oidc_client_id,
+                    "LWAPI_OIDC_CLIENT_SECRET": self.oidc_client_secret, "LWAPI_PUBLIC_URL": self.public_url,
+                    "LWAPI_NO_PROJECT_TEXT": self.no_project_text}
         return env | {k: v for k, v in optional.items() if v}
 
     def with_overrides(self, *, data_dir: Path | None = None, port: int | None = None,
@@ -86,6 +104,15 @@ class Settings:
             port=self.port if port is None else port,
             host=self.host if host is None else host,
         )
+
+
+def _file(path: str | None) -> str | None:
+    if not path:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8").strip() or None
+    except OSError as e:
+        raise SettingsError(f"LWAPI_OIDC_CLIENT_SECRET_FILE: cannot read {path}: {e.strerror}") from None
 
 
 def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:

@@ -45,3 +45,6 @@ class UsersProjection:
             elif isinstance(e, User.AdminChanged):
                 await conn.execute(f"UPDATE {SCHEMA}.users SET is_admin = $2 WHERE user_id = $1",
                                    e.originator_id, e.is_admin)
+            elif isinstance(e, User.SubjectLinked):
+                await conn.execute(f"UPDATE {SCHEMA}.users SET subject = $2 WHERE user_id = $1",
+                                   e.originator_id, e.subject)

@@ -46,7 +46,7 @@ class Visit:
         return self.role in ("creator", "manager") or bool(self.user["is_admin"])
 
 
-async def _visit(request: AnyRequest, code: str) -> Visit | Redirect | Template:
+async def visit_of(request: AnyRequest, code: str) -> Visit | Redirect | Template:
     user = await current_user(request)
     if user is None:
         return Redirect("/login")
@@ -56,7 +56,7 @@ async def _visit(request: AnyRequest, code: str) -> Visit | Redirect | Template:
     return Visit(user, project, project["role"])
 
 
-def _context(visit: Visit) -> dict[str, Any]:
+def page_context(visit: Visit) -> dict[str, Any]:
     return {"user": visit.user, "project": visit.project, "role": visit.role}
 
 
@@ -76,20 +76,20 @@ async def _keys(request: AnyRequest, visit: Visit) -> list[dict[str, Any]]:
 
 @get("/projects/{code:str}")
 async def project_home(request: AnyRequest, code: str) -> Template | Redirect:
-    visit = await _visit(request, code)
+    visit = await visit_of(request, code)
     if not isinstance(visit, Visit):
         return visit
     pool = pool_of(request)
     keys = await _keys(request, visit)
     models, usage = await asyncio.gather(queries.models(pool),
                                          queries.usage_by_day(pool, visit.project["project_id"], USAGE_DAYS))
-    return render(request, "project_home.html", **_context(visit), keys=keys, models=models, usage=usage,
+    return render(request, "project_home.html", **page_context(visit), keys=keys, models=models, usage=usage,
                   active_keys=sum(1 for k in keys if k["status"] == "active"))
 
 
 @get("/projects/{code:str}/keys")
 async def keys_page(request: AnyRequest, code: str) -> Template | Redirect:
-    visit = await _visit(request, code)
+    visit = await visit_of(request, code)
     if not isinstance(visit, Visit):
         return visit
     return await _keys_page(request, visit, notice=take_notice(request))
@@ -99,8 +99,9 @@ async def _keys_page(request: AnyRequest, visit: Visit, *, status_code: int = 20
                      notice: str | None = None, form: Mapping[str, Any] | None = None,
                      created: dict[str, Any] | None = None) -> Template:
     models = await queries.models(pool_of(request))
-    return render(request, "keys.html", **_context(visit), status_code=status_code, keys=await _keys(request, visit),
-                  models=models, error=error, notice=notice, form=form or {}, created=created,
+    keys = await _keys(request, visit)
+    return render(request, "keys.html", **page_context(visit), status_code=status_code, keys=keys, models=models,
+                  error=error, notice=notice, form=form or {}, created=created,
                   base_url=str(request.base_url).rstrip("/") + "/v1")
 
 
@@ -147,7 +148,7 @@ def settings_from(form: Mapping[str, Any]) -> KeySettings:
 
 @post("/projects/{code:str}/keys")
 async def create_key(request: AnyRequest, code: str, data: dict[str, Any] = FORM) -> Template | Redirect:
-    visit = await _visit(request, code)
+    visit = await visit_of(request, code)
     if not isinstance(visit, Visit):
         return visit
     t = translator(request)
@@ -157,7 +158,7 @@ async def create_key(request: AnyRequest, code: str, data: dict[str, Any] = FORM
         key_id, secret = await asyncio.to_thread(accounting.create_key, visit.actor, visit.project["project_id"],
                                                  visit.user["user_id"], settings)
     except PermissionDenied as e:
-        return render(request, "forbidden.html", **_context(visit), status_code=403, reason=t.error(e))
+        return render(request, "forbidden.html", **page_context(visit), status_code=403, reason=t.error(e))
     except DomainError as e:
         return await _keys_page(request, visit, status_code=400, error=t.error(e), form=data)
     await settled(request)
@@ -180,14 +181,14 @@ async def _own_key(request: AnyRequest, visit: Visit, key_id: str) -> dict[str, 
 
 @get("/projects/{code:str}/keys/{key_id:str}/edit")
 async def edit_key_page(request: AnyRequest, code: str, key_id: str) -> Template | Redirect:
-    visit = await _visit(request, code)
+    visit = await visit_of(request, code)
     if not isinstance(visit, Visit):
         return visit
     key = await _own_key(request, visit, key_id)
     if key is None:
-        return render(request, "not_found.html", **_context(visit), status_code=404)
-    return render(request, "key_edit.html", **_context(visit), key=key, models=await queries.models(pool_of(request)),
-                  error=None)
+        return await _not_yours(request, visit, key_id)
+    models = await queries.models(pool_of(request))
+    return render(request, "key_edit.html", **page_context(visit), key=key, models=models, error=None)
 
 
 @post("/projects/{code:str}/keys/{key_id:str}/edit")
@@ -202,12 +203,12 @@ async def revoke_key(request: AnyRequest, code: str, key_id: str, data: dict[str
 
 async def _change_key(request: AnyRequest, code: str, key_id: str, form: Mapping[str, Any], *,
                       revoke: bool) -> Template | Redirect:
-    visit = await _visit(request, code)
+    visit = await visit_of(request, code)
     if not isinstance(visit, Visit):
         return visit
     key = await _own_key(request, visit, key_id)
-    if key is None:  # another project's key, or another member's for a user: as if absent
-        return render(request, "not_found.html", **_context(visit), status_code=404)
+    if key is None:
+        return await _not_yours(request, visit, key_id)
     t = translator(request)
     accounting = runtime_of(request).accounting
     try:
@@ -219,17 +220,28 @@ async def _change_key(request: AnyRequest, code: str, key_id: str, form: Mapping
             await asyncio.to_thread(accounting.edit_key, visit.actor, key["key_id"], settings)
             notice = t("keys.edited_notice", name=settings.name)
     except PermissionDenied as e:
-        return render(request, "forbidden.html", **_context(visit), status_code=403, reason=t.error(e))
+        return render(request, "forbidden.html", **page_context(visit), status_code=403, reason=t.error(e))
     except KeyNotFound:
-        return render(request, "not_found.html", **_context(visit), status_code=404)
+        return render(request, "not_found.html", **page_context(visit), status_code=404)
     except DomainError as e:
         if revoke:
             return await _keys_page(request, visit, status_code=400, error=t.error(e))
-        return render(request, "key_edit.html", **_context(visit), status_code=400, key={**key, **_echo(form)},
+        return render(request, "key_edit.html", **page_context(visit), status_code=400, key={**key, **_echo(form)},
                       models=await queries.models(pool_of(request)), error=t.error(e))
     await settled(request)
     request.session["notice"] = notice
     return Redirect(f"/projects/{visit.project['code']}/keys", status_code=303)
+
+
+async def _not_yours(request: AnyRequest, visit: Visit, key_id: str) -> Template:
+    """Another member's key of this project: 403 (the role may not); anything else: 404 (as if absent)."""
+    try:
+        found = await queries.key(pool_of(request), UUID(key_id))
+    except ValueError:
+        found = {}
+    if found and found["project_id"] == visit.project["project_id"]:
+        return render(request, "forbidden.html", **page_context(visit), status_code=403)
+    return render(request, "not_found.html", **page_context(visit), status_code=404)
 
 
 def _echo(form: Mapping[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from domain.errors import DomainError, UserNotFound
 from edge import queries
 from edge.portal.context import AnyRequest, current_user, pool_of, render, runtime_of, translator
 from edge.portal.i18n import COOKIE, LANGUAGES
+from edge.portal.sso import oidc_of, provider_logout_url
 from edge.portal.throttle import LoginThrottle
 
 FORM = Body(media_type=RequestEncodingType.URL_ENCODED)
@@ -33,12 +34,13 @@ async def home(request: AnyRequest) -> Template | Redirect:
     if user is None:
         return Redirect("/login")
     projects = await queries.projects_of_user(pool_of(request), user["user_id"])
-    return render(request, "projects.html", user=user, projects=projects)
+    return render(request, "projects.html", user=user, projects=projects,
+                  no_project_text=runtime_of(request).settings.no_project_text)
 
 
 @get("/login")
 async def login_page(request: AnyRequest) -> Template:
-    return render(request, "login.html", user=None, error=None, email="")
+    return render(request, "login.html", user=None, error=None, email="", sso_enabled=oidc_of(request) is not None)
 
 
 @post("/login")
@@ -49,7 +51,7 @@ async def login(request: AnyRequest, data: dict[str, str] = FORM) -> Template | 
     t = translator(request)
     if wait := _throttle.wait_s(email, address):
         return render(request, "login.html", user=None, error=t("login.throttled", seconds=wait), email=email,
-                      status_code=429)
+                      status_code=429, sso_enabled=oidc_of(request) is not None)
     accounting = runtime_of(request).accounting
     try:
         user = await asyncio.to_thread(accounting.find_user_by_email, email)
@@ -59,7 +61,8 @@ async def login(request: AnyRequest, data: dict[str, str] = FORM) -> Template | 
     ok = await asyncio.to_thread(verify_password, password_hash, password)  # also without a user: same time
     if not ok or user_id is None:
         _throttle.failed(email, address)
-        return render(request, "login.html", user=None, error=t("login.wrong"), email=email, status_code=401)
+        return render(request, "login.html", user=None, error=t("login.wrong"), email=email, status_code=401,
+                      sso_enabled=oidc_of(request) is not None)
     _throttle.succeeded(email, address)
     request.clear_session()  # a fresh session at login: no fixation
     request.set_session({"user_id": str(user_id)})
@@ -68,8 +71,9 @@ async def login(request: AnyRequest, data: dict[str, str] = FORM) -> Template | 
 
 @post("/logout")
 async def logout(request: AnyRequest) -> Redirect:
+    id_token = (request.session or {}).get("id_token")
     request.clear_session()
-    return Redirect("/login", status_code=303)
+    return Redirect(await provider_logout_url(request, id_token) or "/login", status_code=303)
 
 
 @post("/language")
@@ -91,4 +95,17 @@ def _local_path(target: Any) -> str:
     return parts.path + (f"?{parts.query}" if parts.query else "") if not parts.netloc else "/"
 
 
-portal_routes = [home, login_page, login, logout, choose_language]
+@get("/docs")
+async def api_guide(request: AnyRequest) -> Template:
+    """The API guide (also for people who are not logged in: it holds no secret)."""
+    models = await queries.models(pool_of(request))
+    return render(request, f"docs_api.{translator(request).language}.html", user=await current_user(request),
+                  base_url=str(request.base_url).rstrip("/") + "/v1", model=models[0]["name"] if models else "MODEL")
+
+
+@get("/docs/rules")
+async def usage_rules(request: AnyRequest) -> Template:
+    return render(request, f"docs_rules.{translator(request).language}.html", user=await current_user(request))
+
+
+portal_routes = [home, login_page, login, logout, choose_language, api_guide, usage_rules]

@@ -83,9 +83,9 @@ def fake_upstream() -> Iterator[str]:
             proc.wait(timeout=5)
 
 
-def start_service(database_url: str, data_dir: Path, extra_env: dict[str, str] | None = None
-                  ) -> tuple[subprocess.Popen[str], str]:
-    port = free_port()
+def start_service(database_url: str, data_dir: Path, extra_env: dict[str, str] | None = None,
+                  port: int | None = None) -> tuple[subprocess.Popen[str], str]:
+    port = port or free_port()
     env = {**os.environ, "DATABASE_URL": database_url, "LWAPI_KEY_PEPPER": bytes(range(32)).hex(),
            "LWAPI_ADMIN_EMAIL": "ops@uni.edu", "LWAPI_ADMIN_PASSWORD": "admin-password-1", **(extra_env or {})}
     service = subprocess.Popen([sys.executable, "-m", "edge.cli", "serve", "--port", str(port), "--data-dir",

@@ -115,9 +115,11 @@ def test_what_each_role_may_do_with_keys(stack: Stack, people: People, browser_o
     member, manager = browser_of("member@uni.edu"), browser_of("manager@uni.edu")
     assert "members-own" in member.get("/projects/nlp/keys").text
     assert "main" not in re.findall(r'data-key="([^"]+)"', member.get("/projects/nlp/keys").text)  # users: own only
-    # a user cannot edit or revoke another member's key, even by id: it is not there for them
-    assert post(member, f"/projects/nlp/keys/{creator_key}/revoke", {}).status_code == 404
-    assert member.get(f"/projects/nlp/keys/{creator_key}/edit").status_code == 404
+    # a user neither sees nor may edit or revoke another member's key, even by id
+    assert post(member, f"/projects/nlp/keys/{creator_key}/revoke", {}).status_code == 403
+    assert post(member, f"/projects/nlp/keys/{creator_key}/edit", {"name": "mine-now"}).status_code == 403
+    assert member.get(f"/projects/nlp/keys/{creator_key}/edit").status_code == 403
+    assert stack.app.get_key(creator_key).settings.name == "main" and not stack.app.get_key(creator_key).revoked
     # a manager manages every key of the project
     assert {"main", "members-own"} <= set(re.findall(r'data-key="([^"]+)"', manager.get("/projects/nlp/keys").text))
     assert post(manager, f"/projects/nlp/keys/{member_key}/revoke", {}).status_code == 303
@@ -161,3 +163,46 @@ def test_forms_without_a_csrf_token_are_refused(stack: Stack, browser_of) -> Non
     member = browser_of("member@uni.edu")
     assert member.post("/projects/nlp/keys", data={"name": "no-token"}).status_code == 403
     assert "no-token" not in member.get("/projects/nlp/keys").text
+
+
+def test_the_api_guide_and_usage_rules_in_both_languages(stack: Stack) -> None:
+    portal = stack.base_url.removesuffix("/v1")
+    guide = httpx.get(portal + "/docs", cookies={"lwapi_lang": "en"})
+    assert guide.status_code == 200 and "API guide" in guide.text and f"{stack.base_url}/chat/completions" in guide.text
+    assert '"model": "llama"' in guide.text and "insufficient_quota" in guide.text
+    assert "API 使用說明" in httpx.get(portal + "/docs").text  # zh-TW by default
+    assert "使用規範" in httpx.get(portal + "/docs/rules").text
+    assert "Usage rules" in httpx.get(portal + "/docs/rules", cookies={"lwapi_lang": "en"}).text
+
+
+def test_members_by_role(stack: Stack, people: People, browser_of) -> None:  # type: ignore[no-untyped-def]
+    creator, manager, member = (browser_of(e) for e in ("researcher@uni.edu", "manager@uni.edu", "member@uni.edu"))
+    page = member.get("/projects/nlp/members")
+    assert page.status_code == 200 and "manager@uni.edu" in page.text and "Add a member" not in page.text
+    # a user may not add members: the form is not shown, and posting is refused
+    assert post(member, "/projects/nlp/members", {"email": "x@uni.edu"}).status_code == 403
+    # a manager adds users (also people who never logged in) but not managers
+    added = post(manager, "/projects/nlp/members", {"email": "newcomer@uni.edu", "role": "user"})
+    assert added.status_code == 303 and "newcomer@uni.edu was added." in manager.get(added.headers["location"]).text
+    assert post(manager, "/projects/nlp/members", {"email": "boss@uni.edu", "role": "manager"}).status_code == 403
+    with pytest.raises(Exception, match="no user"):
+        stack.app.find_user_by_email("boss@uni.edu")  # a refused invitation leaves no account behind
+    ids = {"member@uni.edu": str(people.member), "manager@uni.edu": str(people.manager),
+           "newcomer@uni.edu": str(stack.app.find_user_by_email("newcomer@uni.edu").id)}
+    assert post(manager, "/projects/nlp/members/role", {"user_id": ids["member@uni.edu"], "role": "manager"}
+                ).status_code == 403  # only the creator appoints managers
+    assert post(manager, "/projects/nlp/members/remove", {"user_id": str(people.creator)}).status_code == 403
+    # the creator appoints, demotes, removes, and hands the creator role over
+    assert post(creator, "/projects/nlp/members/role", {"user_id": ids["member@uni.edu"], "role": "manager"}
+                ).status_code == 303
+    assert stack.app.get_project(stack.project_id).role_of(people.member) is Role.MANAGER
+    assert post(creator, "/projects/nlp/members/remove", {"user_id": ids["newcomer@uni.edu"]}).status_code == 303
+    assert post(creator, "/projects/nlp/members/role", {"user_id": ids["manager@uni.edu"], "role": "creator"}
+                ).status_code == 303
+    project = stack.app.get_project(stack.project_id)
+    assert project.role_of(people.manager) is Role.CREATOR and project.role_of(people.creator) is Role.MANAGER
+    bad = post(browser_of("manager@uni.edu"), "/projects/nlp/members/remove", {"user_id": "not-a-uuid"})
+    assert bad.status_code == 400 and 'role="alert"' in bad.text
+    outsider = browser_of("outsider@uni.edu")
+    assert outsider.get("/projects/nlp/members").status_code == 404
+    assert post(outsider, "/projects/nlp/members", {"email": "x@uni.edu"}).status_code == 404

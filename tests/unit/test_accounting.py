@@ -73,6 +73,21 @@ def test_sso_subject_maps_to_one_user(app: Accounting) -> None:
         app.register_user("t@example.org", "T", subject="https://idp|123")
 
 
+def test_signing_in_with_an_identity_finds_links_or_registers_the_user(app: Accounting) -> None:
+    first = app.sign_in_with_identity("idp|a", email="a@uni.edu", email_verified=True, display_name="A")
+    assert app.get_user(first).subject == "idp|a"
+    again = app.sign_in_with_identity("idp|a", email="a.new@uni.edu", email_verified=True, display_name="A. New")
+    assert again == first and app.get_user(first).email == "a.new@uni.edu"  # the profile follows the claims
+    invited = app.register_user("b@uni.edu", "B")  # added by e-mail before their first SSO login
+    assert app.sign_in_with_identity("idp|b", email="b@uni.edu", email_verified=True, display_name="B") == invited
+    assert app.find_user_by_subject("idp|b").id == invited
+    app.register_user("c@uni.edu", "C")
+    with pytest.raises(EmailTaken):  # an unverified e-mail never takes over an existing account
+        app.sign_in_with_identity("idp|c", email="c@uni.edu", email_verified=False, display_name="C")
+    with pytest.raises(EmailTaken):  # nor does a second identity
+        app.sign_in_with_identity("idp|b2", email="b@uni.edu", email_verified=True, display_name="B")
+
+
 def test_project_code_is_unique(app: Accounting, world) -> None:
     with pytest.raises(ProjectCodeTaken):
         app.create_project(SYSTEM, "NLP-LAB", "Again", world["creator"])
