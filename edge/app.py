@@ -34,6 +34,7 @@ from edge.portal.members import member_routes
 from edge.portal.project_pages import project_routes
 from edge.portal.routes import portal_routes
 from edge.portal.sso import sso_routes
+from edge.portal.usage_page import usage_routes
 from edge.runtime import Runtime, load_pepper
 from edge.settings import Settings
 
@@ -99,13 +100,13 @@ def create_app(settings: Settings) -> Litestar:
                                         cache_control=CacheControlHeader(max_age=3600, public=True))
     return Litestar(
         route_handlers=[healthz, metrics, v1, static, *portal_routes, *sso_routes, *project_routes, *member_routes,
-                        *admin_catalog_routes],
+                        *usage_routes, *admin_catalog_routes],
         state=State({"oidc": _oidc(settings)}),
         lifespan=[lifespan],
         template_config=TemplateConfig(directory=TEMPLATES, engine=JinjaTemplateEngine),
         middleware=[CookieBackendConfig(secret=_derived(master, "portal-session")[:32], max_age=SESSION_MAX_AGE_S,
                                         httponly=True, samesite="lax", secure=secure, key="lwapi_session",
-                                        exclude=["/v1", "/metrics", "/healthz", "/static"]).middleware],
+                                        exclude=["/v1", "/metrics", "/healthz", "/static", "/vendor"]).middleware],
         csrf_config=CSRFConfig(secret=_derived(master, "portal-csrf").hex(), exclude=["/v1", "/healthz"],
                                cookie_httponly=True, cookie_samesite="lax", cookie_secure=secure),
         exception_handlers={500: _internal_error},

@@ -180,3 +180,15 @@ async def usage_by_day(pool: asyncpg.Pool, project_id: UUID, days: int) -> list[
         f"sum(cost_credits)::bigint AS cost_credits FROM {SCHEMA}.usage_rollups "
         f"WHERE project_id = $1 AND hour >= now() - make_interval(days => $2) GROUP BY 1 ORDER BY 1 DESC",
         project_id, days))
+
+
+async def usage_rows(pool: asyncpg.Pool, project_id: UUID, start: Any, end: Any) -> list[dict[str, Any]]:
+    """The project's usage per day (UTC), model and key within [start, end): the table under the charts."""
+    return _rows(await pool.fetch(
+        f"SELECT (date_trunc('day', r.hour AT TIME ZONE 'UTC'))::date AS day, r.model, r.key_id, "
+        f"coalesce(k.name, '?') AS key_name, sum(r.requests)::bigint AS requests, "
+        f"sum(r.tokens_prompt)::bigint AS tokens_prompt, sum(r.tokens_completion)::bigint AS tokens_completion, "
+        f"sum(r.cost_credits)::bigint AS cost_credits, sum(r.estimated_requests)::bigint AS estimated_requests "
+        f"FROM {SCHEMA}.usage_rollups r LEFT JOIN {SCHEMA}.api_keys k USING (key_id) "
+        f"WHERE r.project_id = $1 AND r.hour >= $2 AND r.hour < $3 "
+        f"GROUP BY 1, 2, 3, 4 ORDER BY 1 DESC, 2, 4 LIMIT {ROWS_MAX}", project_id, start, end))

@@ -85,6 +85,10 @@ def test_key_lifecycle_in_the_browser_with_the_gateway(stack: Stack, browser: Br
         page.goto(f"{portal_url(stack)}/projects/nlp")
         assert page.locator("text=No usage yet.").count() == 0  # the recent-usage table has a row now
         screenshot(page, SHOTS / "project-home-en-light.png")
+        page.click("nav.project >> text=Usage")
+        page.wait_for_selector("[data-testid=chart-tokens-model] svg.main-svg")  # Plotly drew it, served locally
+        assert "browser-key" in page.inner_text("[data-testid=usage]")
+        screenshot(page, SHOTS / "usage-en-light.png")
 
         page.goto(f"{portal_url(stack)}/projects/nlp/keys")
         page.once("dialog", lambda dialog: dialog.accept())  # "Revoke the key …? This cannot be undone."
@@ -118,6 +122,11 @@ def test_theme_and_language_switches_are_remembered(stack: Stack, browser: Brows
         screenshot(page, SHOTS / "project-home-zh-dark.png")
         page.goto(f"{portal_url(stack)}/projects/nlp/keys")
         screenshot(page, SHOTS / "keys-zh-dark.png")
+        page.goto(f"{portal_url(stack)}/projects/nlp/members")
+        screenshot(page, SHOTS / "members-zh-dark.png")
+        page.goto(f"{portal_url(stack)}/docs")
+        screenshot(page, SHOTS / "docs-zh-dark.png")
+        page.goto(f"{portal_url(stack)}/projects/nlp/keys")
 
         page.click("#theme-toggle")
         assert html.get_attribute("data-theme") == "light"

@@ -206,3 +206,21 @@ def test_members_by_role(stack: Stack, people: People, browser_of) -> None:  # t
     outsider = browser_of("outsider@uni.edu")
     assert outsider.get("/projects/nlp/members").status_code == 404
     assert post(outsider, "/projects/nlp/members", {"email": "x@uni.edu"}).status_code == 404
+
+
+def test_the_usage_page_by_model_and_key_for_a_period(stack: Stack, people: People, browser_of) -> None:  # type: ignore[no-untyped-def]
+    api = openai.OpenAI(base_url=stack.base_url, api_key=stack.secret, max_retries=0)
+    for _ in range(2):
+        api.chat.completions.create(model="llama", messages=[{"role": "user", "content": "hi"}])
+    member = browser_of("member@uni.edu")
+    deadline = __import__("time").monotonic() + 5
+    while "<code>llama</code>" not in (page := member.get("/projects/nlp/usage")).text:
+        assert __import__("time").monotonic() < deadline
+    assert page.status_code == 200 and "2 requests" in page.text and "main" in page.text
+    assert '"tokens_by_model"' in page.text and 'src="/vendor/plotly.min.js"' in page.text
+    assert member.get("/vendor/plotly.min.js").headers["content-type"].startswith("text/javascript")
+    empty = member.get("/projects/nlp/usage?start=2020-01-01&end=2020-01-31")
+    assert empty.status_code == 200 and "No usage in this period." in empty.text
+    bad = member.get("/projects/nlp/usage?start=2021-05-01&end=2020-01-01")
+    assert bad.status_code == 200 and "That period is not valid" in bad.text and "2 requests" in bad.text
+    assert browser_of("outsider@uni.edu").get("/projects/nlp/usage").status_code == 404
