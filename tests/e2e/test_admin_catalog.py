@@ -103,3 +103,51 @@ def test_people_who_are_not_administrators_cannot_see_or_change_the_catalog(stac
                        base_url=stack.upstream_url)
         assert refused.status_code == 403
     assert "sneaky" not in models_of(stack)
+
+
+def test_an_administrator_creates_projects_and_grants_and_corrects_credits(stack: Stack, admin: httpx.Client) -> None:
+    page = admin.get("/admin/projects")
+    assert page.status_code == 200 and 'data-project="nlp"' in page.text
+    created = post(admin, "/admin/projects", code="astro", name="Astro Lab", creator_email="new.lead@uni.edu",
+                   amount="250,000", reason="2027 allocation")
+    assert created.status_code == 303 and "Project astro was created." in admin.get("/admin/projects").text
+    project = stack.app.find_project_by_code("astro")
+    lead = stack.app.find_user_by_email("new.lead@uni.edu")  # invited: registered by e-mail
+    assert project.role_of(lead.id) is not None and project.granted_credits == 250_000
+    project_id = str(project.id)
+    assert post(admin, "/admin/projects/credits", project_id=project_id, kind="grant", amount="1000",
+                reason="top-up").status_code == 303
+    assert post(admin, "/admin/projects/credits", project_id=project_id, kind="correction", amount="-500",
+                reason="double grant").status_code == 303
+    astro = stack.app.find_project_by_code("astro")
+    assert (astro.granted_credits, astro.corrections_credits) == (251_000, -500)
+    row = admin.get("/admin/projects").text.split('data-project="astro"')[1].split("</tr>")[0]
+    assert "250,500" in row
+
+
+@pytest.mark.parametrize(("path", "form", "message"), [
+    ("/admin/projects", {"code": "nlp", "name": "Again", "creator_email": "x@uni.edu"}, "is taken"),
+    ("/admin/projects", {"code": "new", "name": "New", "creator_email": "x@uni.edu", "amount": "-5"}, "positive"),
+    ("/admin/projects", {"code": "new", "name": "New", "creator_email": "x@uni.edu", "amount": "lots"}, "whole number"),
+    ("/admin/projects", {"code": "new", "name": "New", "creator_email": "not-an-email"}, "e-mail"),
+    ("/admin/projects/credits", {"project_id": "nope", "amount": "5", "reason": "r"}, "no such project"),
+    ("/admin/projects/credits", {"project_id": "", "amount": "0", "reason": "r", "kind": "correction"}, "project"),
+])
+def test_refused_project_changes_are_explained_and_save_nothing(stack: Stack, admin: httpx.Client, path: str,
+                                                                form: dict[str, str], message: str) -> None:
+    refused = post(admin, path, **form)
+    assert refused.status_code == 400 and message in refused.text and 'role="alert"' in refused.text
+    with pytest.raises(Exception, match="no user"):
+        stack.app.find_user_by_email("x@uni.edu")  # no stray account from a refused creation
+    with pytest.raises(Exception, match="no project"):
+        stack.app.find_project_by_code("new")
+
+
+def test_only_administrators_reach_the_projects_administration(stack: Stack) -> None:
+    stack.app.set_password_hash(stack.user_id, hash_password("researcher-password-1"))
+    with portal(stack) as researcher:
+        assert login(researcher, "researcher@uni.edu", "researcher-password-1").status_code in (302, 303)
+        assert researcher.get("/admin/projects").status_code == 403
+        assert post(researcher, "/admin/projects/credits", project_id=str(stack.project_id), amount="1000000",
+                    reason="free money").status_code == 403
+    assert stack.app.get_project(stack.project_id).granted_credits == 10_000_000
