@@ -162,6 +162,7 @@ async def create_key(request: AnyRequest, code: str, data: dict[str, Any] = FORM
     except DomainError as e:
         return await _keys_page(request, visit, status_code=400, error=t.error(e), form=data)
     await settled(request)
+    await _gateway_knows(request, key_id)
     # The secret is shown in this response only: it is never stored, nor put in a session or a URL.
     return await _keys_page(request, visit, status_code=201,
                             created={"key_id": key_id, "secret": secret, "name": settings.name})
@@ -229,8 +230,17 @@ async def _change_key(request: AnyRequest, code: str, key_id: str, form: Mapping
         return render(request, "key_edit.html", **page_context(visit), status_code=400, key={**key, **_echo(form)},
                       models=await queries.models(pool_of(request)), error=t.error(e))
     await settled(request)
+    await _gateway_knows(request, key["key_id"])
     request.session["notice"] = notice
     return Redirect(f"/projects/{visit.project['code']}/keys", status_code=303)
+
+
+async def _gateway_knows(request: AnyRequest, key_id: UUID) -> None:
+    """This process's gateway takes the change now (a new key works at once, a revoked one stops at once);
+    other processes follow the database's notification within a second."""
+    gateway = getattr(request.app.state, "gateway", None)
+    if gateway is not None:
+        await gateway.index.reload_keys({key_id})
 
 
 async def _not_yours(request: AnyRequest, visit: Visit, key_id: str) -> Template:

@@ -145,7 +145,7 @@ def test_vllm_refusals_reach_the_client_as_openai_errors_and_cost_nothing(real: 
 
 def test_a_client_that_leaves_mid_stream_is_charged_for_what_was_generated(real: Real) -> None:
     key_id, secret = real.new_key()
-    body = {"model": "tiny", "messages": MESSAGES, "stream": True, "max_tokens": 300, "min_tokens": 300}
+    body = {"model": "tiny", "messages": MESSAGES, "stream": True, "max_tokens": 480, "min_tokens": 480}
     with httpx.stream("POST", real.base_url + "/chat/completions", json=body, timeout=60,
                       headers={"authorization": f"Bearer {secret}"}) as response:
         events = 0
@@ -154,8 +154,12 @@ def test_a_client_that_leaves_mid_stream_is_charged_for_what_was_generated(real:
             if events == 6:
                 break
     requests, _prompt, completion, _cost, estimated = charged(real, key_id)
-    # no usage came (the request was cancelled upstream): vLLM's /tokenize counted the text that was relayed
-    assert (requests, estimated) == (1, 1) and 1 <= completion < 300
+    assert requests == 1
+    if estimated:  # cancelled upstream before its usage chunk: vLLM's /tokenize counted the text relayed
+        assert 1 <= completion < 480
+    else:  # a loaded CPU vLLM may send the whole answer in one burst before the departure is noticed
+        assert completion == 480  # then its own usage report is charged, once
+    # (cancellation itself is checked deterministically against the steerable fake upstream in test_gateway)
 
 
 def test_a_dead_deployment_fails_over_to_vllm_before_the_first_byte(real: Real) -> None:
