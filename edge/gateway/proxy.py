@@ -249,14 +249,13 @@ class Gateway:
 
     async def _finish(self, call: Call, outcome: Outcome) -> None:
         """Meter once: the usage entry to the spool, the reservation settled (also after failures)."""
-        route = call.route
-        if route is not None:
-            route.in_flight -= 1
-        if route is None or not outcome.delivered:
-            await self.admission.settle(call.ticket, 0, 0)  # nothing reached the client: nothing to charge
+        if call.route is not None:
+            call.route.in_flight -= 1
+        if call.counter is None or not outcome.delivered:  # no upstream answered, or nothing reached the client
+            await self.admission.settle(call.ticket, 0, 0)
             return
         try:
-            usage = await measure(outcome, call.endpoint, call.payload, counter_for(route, self.client))
+            usage = await measure(outcome, call.endpoint, call.payload, call.counter)
         except asyncio.CancelledError:  # shut down while counting: the estimate goes on disk, then stop
             self._record(call, estimate(outcome, call.endpoint, call.payload))
             raise

@@ -23,19 +23,21 @@ from domain.pricing import Prices
 from edge import queries
 from edge.catalog_file import deployment_from_fields
 from edge.cli_support import parse_time
-from edge.portal.context import AnyRequest, current_user, pool_of, render, runtime_of, settled, take_notice, translator
+from edge.portal.context import (
+    AnyRequest,
+    admin_actor,
+    current_user,
+    form_text,
+    pool_of,
+    render,
+    runtime_of,
+    settled,
+    take_notice,
+    translator,
+)
 from edge.portal.routes import FORM
 
 FIELD_CHARS_MAX = 2_000
-
-
-async def _admin(request: AnyRequest) -> Actor | Redirect | Template:
-    user = await current_user(request)
-    if user is None:
-        return Redirect("/login")
-    if not user["is_admin"]:
-        return render(request, "forbidden.html", user=user, status_code=403)
-    return Actor(user_id=user["user_id"], is_admin=True)
 
 
 async def _page(request: AnyRequest, *, error: str | None = None, notice: str | None = None,
@@ -47,17 +49,14 @@ async def _page(request: AnyRequest, *, error: str | None = None, notice: str | 
 
 @get("/admin/models")
 async def models_page(request: AnyRequest) -> Template | Redirect:
-    actor = await _admin(request)
+    actor = await admin_actor(request)
     if not isinstance(actor, Actor):
         return actor
     return await _page(request)
 
 
 def _text(form: Mapping[str, Any], name: str) -> str:
-    value = form.get(name, "")
-    if not isinstance(value, str) or len(value) > FIELD_CHARS_MAX:
-        raise InvalidValue(f"{name}: text of at most {FIELD_CHARS_MAX} characters")
-    return value.strip()
+    return form_text(form, name, FIELD_CHARS_MAX)
 
 
 def _credits(form: Mapping[str, Any], name: str, *, optional: bool = False) -> int | None:
@@ -91,7 +90,7 @@ Notice = tuple[str, dict[str, Any]]  # a message key of the catalog and its para
 async def _apply(request: AnyRequest, form: Mapping[str, Any],
                  command: Callable[[Actor, Mapping[str, Any]], Notice]) -> Template | Redirect:
     """Run one catalog command for the logged-in administrator; success redirects (no resubmission)."""
-    actor = await _admin(request)
+    actor = await admin_actor(request)
     if not isinstance(actor, Actor):
         return actor
     t = translator(request)
@@ -106,7 +105,7 @@ async def _apply(request: AnyRequest, form: Mapping[str, Any],
 
 @get("/admin/models/done")
 async def after_change(request: AnyRequest) -> Template | Redirect:
-    actor = await _admin(request)
+    actor = await admin_actor(request)
     if not isinstance(actor, Actor):
         return actor
     return await _page(request, notice=take_notice(request))

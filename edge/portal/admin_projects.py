@@ -19,19 +19,21 @@ from domain.access import Actor
 from domain.errors import DomainError, InvalidValue, ProjectCodeTaken, ProjectNotFound, UserNotFound
 from domain.validation import REASON_CHARS_MAX, clean_text
 from edge import queries
-from edge.portal.context import AnyRequest, current_user, pool_of, render, runtime_of, settled, take_notice, translator
+from edge.portal.context import (
+    AnyRequest,
+    admin_actor,
+    current_user,
+    form_text,
+    pool_of,
+    render,
+    runtime_of,
+    settled,
+    take_notice,
+    translator,
+)
 from edge.portal.routes import FORM
 
 FIELD_CHARS_MAX = 500
-
-
-async def _admin(request: AnyRequest) -> Actor | Redirect | Template:
-    user = await current_user(request)
-    if user is None:
-        return Redirect("/login")
-    if not user["is_admin"]:
-        return render(request, "forbidden.html", user=user, status_code=403)
-    return Actor(user_id=user["user_id"], is_admin=True)
 
 
 async def _page(request: AnyRequest, *, status_code: int = 200, error: str | None = None,
@@ -43,17 +45,14 @@ async def _page(request: AnyRequest, *, status_code: int = 200, error: str | Non
 
 @get("/admin/projects")
 async def projects_page(request: AnyRequest) -> Template | Redirect:
-    actor = await _admin(request)
+    actor = await admin_actor(request)
     if not isinstance(actor, Actor):
         return actor
     return await _page(request, notice=take_notice(request))
 
 
 def _text(form: Mapping[str, Any], name: str) -> str:
-    value = form.get(name, "")
-    if not isinstance(value, str) or len(value) > FIELD_CHARS_MAX:
-        raise InvalidValue(f"{name}: text of at most {FIELD_CHARS_MAX} characters")
-    return value.strip()
+    return form_text(form, name, FIELD_CHARS_MAX)
 
 
 def _amount(form: Mapping[str, Any]) -> int:
@@ -75,7 +74,7 @@ Notice = tuple[str, dict[str, Any]]
 
 async def _apply(request: AnyRequest, form: Mapping[str, Any],
                  command: Callable[[Actor, Mapping[str, Any]], Notice]) -> Template | Redirect:
-    actor = await _admin(request)
+    actor = await admin_actor(request)
     if not isinstance(actor, Actor):
         return actor
     t = translator(request)

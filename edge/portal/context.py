@@ -8,12 +8,15 @@ page that follows a change shows it.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from typing import Any
 from uuid import UUID
 
 from litestar import Request
-from litestar.response import Template
+from litestar.response import Redirect, Template
 
+from domain.access import Actor
+from domain.errors import InvalidValue
 from edge import queries
 from edge.portal.i18n import COOKIE, LANGUAGE_NAMES, Translator, negotiate
 from edge.runtime import Runtime
@@ -69,3 +72,23 @@ def take_notice(request: AnyRequest) -> str | None:
         return None
     notice = request.session.pop("notice", None)
     return notice if isinstance(notice, str) else None
+
+
+async def admin_actor(request: AnyRequest) -> Actor | Redirect | Template:
+    """The logged-in platform administrator as an actor; else the login page, or 403 for anyone else."""
+    user = await current_user(request)
+    if user is None:
+        return Redirect("/login")
+    if not user["is_admin"]:
+        return render(request, "forbidden.html", user=user, status_code=403)
+    return Actor(user_id=user["user_id"], is_admin=True)
+
+
+def form_text(form: Mapping[str, Any], name: str, chars_max: int) -> str:
+    """A form field as stripped text (a repeated field counts by its first value), bounded."""
+    value = form.get(name, "")
+    if isinstance(value, list):
+        value = value[0] if value else ""
+    if not isinstance(value, str) or len(value) > chars_max:
+        raise InvalidValue(f"{name}: text of at most {chars_max} characters")
+    return value.strip()

@@ -22,7 +22,17 @@ from domain.api_key import KeySettings, key_status
 from domain.errors import DomainError, InvalidValue, KeyNotFound, PermissionDenied
 from edge import queries
 from edge.cli_support import parse_time
-from edge.portal.context import AnyRequest, current_user, pool_of, render, runtime_of, settled, take_notice, translator
+from edge.portal.context import (
+    AnyRequest,
+    current_user,
+    form_text,
+    pool_of,
+    render,
+    runtime_of,
+    settled,
+    take_notice,
+    translator,
+)
 from edge.portal.routes import FORM
 
 FIELD_CHARS_MAX = 500
@@ -106,12 +116,7 @@ async def _keys_page(request: AnyRequest, visit: Visit, *, status_code: int = 20
 
 
 def _text(form: Mapping[str, Any], name: str) -> str:
-    value = form.get(name, "")
-    if isinstance(value, list):
-        value = value[0] if value else ""
-    if not isinstance(value, str) or len(value) > FIELD_CHARS_MAX:
-        raise InvalidValue(f"{name}: text of at most {FIELD_CHARS_MAX} characters")
-    return value.strip()
+    return form_text(form, name, FIELD_CHARS_MAX)
 
 
 def _optional_int(form: Mapping[str, Any], name: str, what: str) -> int | None:
@@ -180,14 +185,24 @@ async def _own_key(request: AnyRequest, visit: Visit, key_id: str) -> dict[str, 
     return None
 
 
-@get("/projects/{code:str}/keys/{key_id:str}/edit")
-async def edit_key_page(request: AnyRequest, code: str, key_id: str) -> Template | Redirect:
+async def _key_visit(request: AnyRequest, code: str,
+                     key_id: str) -> tuple[Visit, dict[str, Any]] | Redirect | Template:
+    """The person on the project's page and the key they address; else the page that refuses them."""
     visit = await visit_of(request, code)
     if not isinstance(visit, Visit):
         return visit
     key = await _own_key(request, visit, key_id)
     if key is None:
         return await _not_yours(request, visit, key_id)
+    return visit, key
+
+
+@get("/projects/{code:str}/keys/{key_id:str}/edit")
+async def edit_key_page(request: AnyRequest, code: str, key_id: str) -> Template | Redirect:
+    found = await _key_visit(request, code, key_id)
+    if not isinstance(found, tuple):
+        return found
+    visit, key = found
     models = await queries.models(pool_of(request))
     return render(request, "key_edit.html", **page_context(visit), key=key, models=models, error=None)
 
@@ -204,12 +219,10 @@ async def revoke_key(request: AnyRequest, code: str, key_id: str, data: dict[str
 
 async def _change_key(request: AnyRequest, code: str, key_id: str, form: Mapping[str, Any], *,
                       revoke: bool) -> Template | Redirect:
-    visit = await visit_of(request, code)
-    if not isinstance(visit, Visit):
-        return visit
-    key = await _own_key(request, visit, key_id)
-    if key is None:
-        return await _not_yours(request, visit, key_id)
+    found = await _key_visit(request, code, key_id)
+    if not isinstance(found, tuple):
+        return found
+    visit, key = found
     t = translator(request)
     accounting = runtime_of(request).accounting
     try:
