@@ -8,7 +8,7 @@ the rules hold whether the command comes from the CLI, the portal or the gateway
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 from uuid import UUID
@@ -277,6 +277,7 @@ class Accounting(Application[UUID]):
         project = self.get_project(project_id)
         access.require_key_management(actor, project.role_of(actor.user_id), owner_id)
         access.require_member(Actor(owner_id, is_admin=False), project.role_of(owner_id))
+        self._require_models(settings.allowed_models)
         key, secret = ApiKey.issue(project.id, owner_id, settings, self.key_pepper)
         project.register_key(key.id)
         self.save(project, key)
@@ -293,8 +294,18 @@ class Accounting(Application[UUID]):
 
     def edit_key(self, actor: Actor, key_id: UUID, settings: KeySettings) -> None:
         key = self._key_for_management(actor, key_id)
+        before = set(key.settings.allowed_models)
         key.edit(settings)
+        # a model removed from the catalog since may stay on the key: the gateway refuses it anyway
+        self._require_models(set(key.settings.allowed_models) - before)
         self.save(key)
+
+    def _require_models(self, names: Iterable[str]) -> None:
+        for name in names:
+            try:
+                self.get_model(name)
+            except ModelNotFound:
+                raise ModelNotFound(f"no model named {name}", rule="unknown_model", value=name) from None
 
     def revoke_key(self, actor: Actor, key_id: UUID) -> None:
         key = self._key_for_management(actor, key_id)

@@ -48,17 +48,20 @@ class KeySettings:
     allowed_models: tuple[str, ...] = ()
 
     def cleaned(self) -> KeySettings:
-        valid_from = aware(self.valid_from, "valid from")
-        valid_until = aware(self.valid_until, "valid until")
+        valid_from = aware(self.valid_from, "valid_from")
+        valid_until = aware(self.valid_until, "valid_until")
         if valid_from and valid_until and valid_until <= valid_from:
-            raise InvalidValue("valid until must be after valid from")
+            raise InvalidValue("valid until must be after valid from", rule="valid_order")
         if len(self.allowed_models) > ALLOWED_MODELS_MAX:
-            raise InvalidValue(f"at most {ALLOWED_MODELS_MAX} allowed models")
+            raise InvalidValue(f"at most {ALLOWED_MODELS_MAX} allowed models", rule="models_max",
+                               count_max=ALLOWED_MODELS_MAX)
         return KeySettings(
-            name=clean_text(self.name, "key name"),
-            rpm_limit=None if self.rpm_limit is None else bounded_int(self.rpm_limit, "rpm", low=1, high=COUNT_MAX),
-            tpm_limit=None if self.tpm_limit is None else bounded_int(self.tpm_limit, "tpm", low=1, high=COUNT_MAX),
-            cap_credits=None if self.cap_credits is None else credits(self.cap_credits, "usage cap"),
+            name=clean_text(self.name, "key_name"),
+            rpm_limit=None if self.rpm_limit is None
+            else bounded_int(self.rpm_limit, "requests_per_minute", low=1, high=COUNT_MAX),
+            tpm_limit=None if self.tpm_limit is None
+            else bounded_int(self.tpm_limit, "tokens_per_minute", low=1, high=COUNT_MAX),
+            cap_credits=None if self.cap_credits is None else credits(self.cap_credits, "usage_cap"),
             valid_from=valid_from,
             valid_until=valid_until,
             allowed_models=tuple(sorted({clean_model_name(m) for m in self.allowed_models})),

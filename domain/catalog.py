@@ -67,22 +67,23 @@ class Deployment:
 
     def cleaned(self) -> Deployment:
         if not _DEPLOYMENT_NAME_RE.match(self.name or ""):
-            raise InvalidValue("deployment name: 1-63 lowercase letters, digits, '.', '_' or '-'")
-        url = clean_text(self.base_url, "base URL", chars_max=500).rstrip("/")
+            raise InvalidValue("deployment name: 1-63 lowercase letters, digits, '.', '_' or '-'",
+                               rule="deployment_name")
+        url = clean_text(self.base_url, "base_url", chars_max=500).rstrip("/")
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
-            raise InvalidValue(f"base URL must be an http(s) URL without query: {url!r}")
+            raise InvalidValue(f"base URL must be an http(s) URL without query: {url!r}", rule="base_url", value=url)
         if parts.username or parts.password:
-            raise InvalidValue("base URL must not carry credentials: use --api-key-env")
+            raise InvalidValue("base URL must not carry credentials: use --api-key-env", rule="url_credentials")
         if self.credential_ref is not None and not _CREDENTIAL_RE.match(self.credential_ref):
-            raise InvalidValue("credential must be a reference: env:VARIABLE or file:/path")
+            raise InvalidValue("credential must be a reference: env:VARIABLE or file:/path", rule="credential")
         if self.tokenizer is not None and not _TOKENIZER_RE.match(self.tokenizer):
-            raise InvalidValue("tokenizer must be vllm, estimate or file:/path/to/tokenizer.json")
+            raise InvalidValue("tokenizer must be vllm, estimate or file:/path/to/tokenizer.json", rule="tokenizer")
         return replace(
             self, base_url=url,
-            upstream_model=clean_text(self.upstream_model, "upstream model", chars_max=200),
+            upstream_model=clean_text(self.upstream_model, "upstream_model", chars_max=200),
             weight=bounded_int(self.weight, "weight", low=1, high=1000),
-            timeout_ms=bounded_int(self.timeout_ms, "timeout", low=100, high=TIMEOUT_MS_MAX),
+            timeout_ms=bounded_int(self.timeout_ms, "timeout_ms", low=100, high=TIMEOUT_MS_MAX),
         )
 
 
@@ -158,7 +159,7 @@ class ServedModel(Aggregate):
     def change_prices(self, prices: Prices) -> None:
         """A new price from its effective time on; past charges keep the price they were made at."""
         if len(self.price_schedule) >= PRICE_CHANGES_MAX:
-            raise InvalidValue("too many price changes")
+            raise InvalidValue("too many price changes", rule="price_changes")
         self._prices_changed(prices=prices.cleaned())
 
     @event(PricesChanged)
@@ -196,5 +197,6 @@ class ServedModel(Aggregate):
 def _description(text: str) -> str:
     text = (text or "").strip()
     if len(text) > DESCRIPTION_CHARS_MAX:
-        raise InvalidValue(f"description must be at most {DESCRIPTION_CHARS_MAX} characters")
+        raise InvalidValue(f"description must be at most {DESCRIPTION_CHARS_MAX} characters",
+                           rule="too_long", field="description", chars_max=DESCRIPTION_CHARS_MAX)
     return text

@@ -2,7 +2,9 @@
 
 Imports: stdlib only. Every expected refusal is a `DomainError` subclass with a stable `code`
 that the edges translate (OpenAI error JSON, portal message, CLI line); `InvariantViolation`
-means a bug and is never translated into a polite refusal.
+means a bug and is never translated into a polite refusal. The message is English for logs, the
+CLI and the API; a refusal that names a rule also carries it with its parameters (`rule`,
+`params`, field names as identifiers), so that the portal can word it in the reader's language.
 """
 
 from __future__ import annotations
@@ -12,6 +14,11 @@ class DomainError(Exception):
     """An expected refusal of a command; `code` is stable and safe to show to users."""
 
     code = "domain_error"
+
+    def __init__(self, message: str = "", *, rule: str | None = None, **params: object) -> None:
+        super().__init__(message or self.code)
+        self.rule = rule
+        self.params = params
 
 
 class NotFound(DomainError):

@@ -26,15 +26,15 @@ class Prices:
     cached_prompt_per_mtok: int | None = None
 
     def cleaned(self) -> Prices:
-        effective = aware(self.effective_at, "effective time")
+        effective = aware(self.effective_at, "effective_time")
         if effective is None:
-            raise InvalidValue("prices need an effective time")
+            raise InvalidValue("prices need an effective time", rule="effective_time")
         return Prices(
-            prompt_per_mtok=credits(self.prompt_per_mtok, "prompt price"),
-            completion_per_mtok=credits(self.completion_per_mtok, "completion price"),
+            prompt_per_mtok=credits(self.prompt_per_mtok, "prompt_price"),
+            completion_per_mtok=credits(self.completion_per_mtok, "completion_price"),
             effective_at=effective,
             cached_prompt_per_mtok=None if self.cached_prompt_per_mtok is None
-            else credits(self.cached_prompt_per_mtok, "cached prompt price"),
+            else credits(self.cached_prompt_per_mtok, "cached_prompt_price"),
         )
 
     def cost_credits(self, tokens_prompt: int, tokens_prompt_cached: int, tokens_completion: int) -> int:

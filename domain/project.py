@@ -97,7 +97,7 @@ class Project(Aggregate):
 
     @classmethod
     def open(cls, code: str, name: str, creator_id: UUID) -> Project:
-        return cls(code=clean_code(code), name=clean_text(name, "project name"), creator_id=creator_id)
+        return cls(code=clean_code(code), name=clean_text(name, "project_name"), creator_id=creator_id)
 
     @property
     def creator_id(self) -> UUID:
@@ -114,7 +114,7 @@ class Project(Aggregate):
 
     def rename(self, name: str) -> None:
         self._require_open()
-        self._renamed(name=clean_text(name, "project name"))
+        self._renamed(name=clean_text(name, "project_name"))
 
     @event(Renamed)
     def _renamed(self, name: str) -> None:

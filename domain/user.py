@@ -73,14 +73,14 @@ class User(Aggregate):
         subject_clean = None if subject is None else clean_text(subject, "subject", chars_max=SUBJECT_CHARS_MAX)
         return cls(
             email=clean_email(email),
-            display_name=clean_text(display_name, "display name"),
+            display_name=clean_text(display_name, "display_name"),
             subject=subject_clean,
             password_hash=_check_password_hash(password_hash),
             is_admin=bool(is_admin),
         )
 
     def update_profile(self, *, display_name: str, email: str) -> None:
-        name, mail = clean_text(display_name, "display name"), clean_email(email)
+        name, mail = clean_text(display_name, "display_name"), clean_email(email)
         if (name, mail) != (self.display_name, self.email):
             self._profile_updated(display_name=name, email=mail)
 
@@ -110,7 +110,7 @@ class User(Aggregate):
     def link_subject(self, subject: str) -> None:
         """An SSO identity for a user who had none (registered by e-mail before their first SSO login)."""
         if self.subject is not None:
-            raise InvalidValue("this user already has a single sign-on identity")
+            raise InvalidValue("this user already has a single sign-on identity", rule="identity_linked")
         self._subject_linked(subject=clean_text(subject, "subject", chars_max=SUBJECT_CHARS_MAX))
 
     @event(SubjectLinked)

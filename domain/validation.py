@@ -22,58 +22,66 @@ _EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
 
 
+def label(field: str) -> str:
+    """A field identifier as English words, for messages."""
+    return field.replace("_", " ")
+
+
 def clean_text(value: str, field: str, *, chars_max: int = NAME_CHARS_MAX) -> str:
     """Strip surrounding space; refuse empty, over-long or control-character text."""
     if not isinstance(value, str):
-        raise InvalidValue(f"{field} must be text")
+        raise InvalidValue(f"{label(field)} must be text", rule="text", field=field)
     text = value.strip()
     if not text:
-        raise InvalidValue(f"{field} must not be empty")
+        raise InvalidValue(f"{label(field)} must not be empty", rule="empty", field=field)
     if len(text) > chars_max:
-        raise InvalidValue(f"{field} must be at most {chars_max} characters")
+        raise InvalidValue(f"{label(field)} must be at most {chars_max} characters",
+                           rule="too_long", field=field, chars_max=chars_max)
     if any(ord(c) < 32 or ord(c) == 127 for c in text):
-        raise InvalidValue(f"{field} must not contain control characters")
+        raise InvalidValue(f"{label(field)} must not contain control characters", rule="control_chars", field=field)
     return text
 
 
 def clean_email(value: str) -> str:
-    email = clean_text(value, "e-mail", chars_max=EMAIL_CHARS_MAX).lower()
+    email = clean_text(value, "email", chars_max=EMAIL_CHARS_MAX).lower()
     if not _EMAIL_RE.match(email):
-        raise InvalidValue(f"not an e-mail address: {email!r}")
+        raise InvalidValue(f"not an e-mail address: {email!r}", rule="email", value=email)
     return email
 
 
 def clean_code(value: str) -> str:
-    code = clean_text(value, "project code", chars_max=40).lower()
+    code = clean_text(value, "project_code", chars_max=40).lower()
     if not _CODE_RE.match(code):
         raise InvalidValue(
             "project code must be 2-40 characters: lowercase letters, digits, '-' or '_', "
-            "starting with a letter or digit"
+            "starting with a letter or digit", rule="project_code", value=code,
         )
     return code
 
 
 def clean_model_name(value: str) -> str:
-    name = clean_text(value, "model name", chars_max=MODEL_NAME_CHARS_MAX)
+    name = clean_text(value, "model_name", chars_max=MODEL_NAME_CHARS_MAX)
     if not _MODEL_RE.match(name):
-        raise InvalidValue(f"not a model name: {name!r}")
+        raise InvalidValue(f"not a model name: {name!r}", rule="model_name", value=name)
     return name
 
 
 def bounded_int(value: object, field: str, *, low: int, high: int) -> int:
     """An int (not bool) within [low, high]."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidValue(f"{field} must be an integer")
+        raise InvalidValue(f"{label(field)} must be an integer", rule="integer", field=field)
     if not low <= value <= high:
-        raise InvalidValue(f"{field} must be between {low} and {high}")
+        raise InvalidValue(f"{label(field)} must be between {low} and {high}",
+                           rule="range", field=field, low=low, high=high)
     return value
 
 
 def credits(value: object, field: str, *, low: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidAmount(f"{field} must be an integer number of credits")
+        raise InvalidAmount(f"{label(field)} must be an integer number of credits", rule="credits", field=field)
     if not low <= value <= CREDITS_MAX:
-        raise InvalidAmount(f"{field} must be between {low} and {CREDITS_MAX}")
+        raise InvalidAmount(f"{label(field)} must be between {low} and {CREDITS_MAX}",
+                            rule="range", field=field, low=low, high=CREDITS_MAX)
     return value
 
 
@@ -82,5 +90,5 @@ def aware(value: datetime | None, field: str) -> datetime | None:
     if value is None:
         return None
     if not isinstance(value, datetime) or value.tzinfo is None or value.utcoffset() is None:
-        raise InvalidValue(f"{field} must be a timezone-aware time")
+        raise InvalidValue(f"{label(field)} must be a timezone-aware time", rule="aware_time", field=field)
     return value

@@ -34,6 +34,7 @@ from domain.accounting import Accounting
 from domain.catalog import BackendKind, Deployment, ModelNotFound, ServedModel
 from domain.errors import DomainError, InvalidValue
 from domain.pricing import Prices
+from domain.validation import label
 
 MODELS_MAX = 10_000
 
@@ -41,26 +42,38 @@ MODELS_MAX = 10_000
 def deployment_from_fields(d: Mapping[str, Any], model: str) -> Deployment:
     """A deployment from a catalog file's table or a portal form (numbers may arrive as text)."""
     if d.get("api_key_env") and d.get("api_key_file"):
-        raise InvalidValue(f"model {model}: give api_key_env or api_key_file, not both")
+        raise InvalidValue(f"model {model}: give api_key_env or api_key_file, not both", rule="one_credential")
     credential = f"env:{d['api_key_env']}" if d.get("api_key_env") else (
         f"file:{d['api_key_file']}" if d.get("api_key_file") else None)
+    missing = [name for name in ("name", "backend", "base_url") if name not in d]
+    if missing:
+        raise InvalidValue(f"model {model}: a deployment lacks {missing[0]!r}", rule="missing", field=missing[0])
     try:
-        return Deployment(name=str(d["name"]), backend=BackendKind(d["backend"]), base_url=str(d["base_url"]),
-                          upstream_model=str(d.get("upstream_model") or model), credential_ref=credential,
-                          weight=_from_text(d.get("weight"), int, 1),
-                          timeout_ms=int(_from_text(d.get("timeout_s"), float, 600) * 1000),
-                          tokenizer=d.get("tokenizer") or None)
-    except KeyError as e:
-        raise InvalidValue(f"model {model}: a deployment lacks {e.args[0]!r}") from None
-    except (ValueError, TypeError, OverflowError) as e:
-        raise InvalidValue(f"model {model}: {e}") from None
+        backend = BackendKind(d["backend"])
+    except ValueError:
+        raise InvalidValue(f"model {model}: unknown backend {d['backend']!r}", rule="backend",
+                           value=str(d["backend"])[:40]) from None
+    timeout_s = _number(d.get("timeout_s"), float, 600, "timeout_s")
+    try:
+        timeout_ms = int(timeout_s * 1000)
+    except (ValueError, TypeError, OverflowError):
+        raise InvalidValue(f"timeout s: not a number: {timeout_s!r}", rule="number", field="timeout_s") from None
+    return Deployment(name=str(d["name"]), backend=backend, base_url=str(d["base_url"]),
+                      upstream_model=str(d.get("upstream_model") or model), credential_ref=credential,
+                      weight=_number(d.get("weight"), int, 1, "weight"), timeout_ms=timeout_ms,
+                      tokenizer=d.get("tokenizer") or None)
 
 
-def _from_text(value: Any, kind: type, default: Any) -> Any:
+def _number(value: Any, kind: type, default: Any, field: str) -> Any:
     """A form sends numbers as text; a file sends them as numbers, which the domain checks as they are."""
     if value is None or value == "":
         return default
-    return kind(value.strip()) if isinstance(value, str) else value
+    if not isinstance(value, str):
+        return value
+    try:
+        return kind(value.strip())
+    except ValueError:
+        raise InvalidValue(f"{label(field)}: not a number: {value[:40]!r}", rule="number", field=field) from None
 
 
 def apply_catalog_file(app: Accounting, actor: Actor, path: Path) -> list[str]:

@@ -21,6 +21,7 @@ from adapters.database import DatabaseUrlError
 from adapters.passwords import WeakPassword
 from adapters.pg_embedded import EmbeddedPostgresError
 from domain.errors import DomainError, InvalidValue
+from domain.validation import label
 from edge.runtime import Runtime
 from edge.settings import SettingsError
 
@@ -93,7 +94,7 @@ def parse_time(value: str | None, field: str) -> datetime | None:
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
-        raise InvalidValue(f"{field}: not an ISO 8601 time: {value!r}") from None
+        raise InvalidValue(f"{label(field)}: not an ISO 8601 time: {value[:60]!r}", rule="time", field=field) from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
@@ -101,7 +102,7 @@ def parse_uuid(value: str, what: str) -> UUID:
     try:
         return UUID(value)
     except ValueError:
-        raise InvalidValue(f"not a {what} id: {value!r}") from None
+        raise InvalidValue(f"not a {what} id: {value[:60]!r}", rule="id", value=value[:60]) from None
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")

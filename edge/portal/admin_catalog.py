@@ -20,6 +20,7 @@ from domain.access import Actor
 from domain.catalog import BackendKind, ServedModel
 from domain.errors import DomainError, InvalidValue
 from domain.pricing import Prices
+from domain.validation import label
 from edge import queries
 from edge.catalog_file import deployment_from_fields
 from edge.cli_support import parse_time
@@ -66,11 +67,12 @@ def _credits(form: Mapping[str, Any], name: str, *, optional: bool = False) -> i
     try:
         return int(text or "0")
     except ValueError:
-        raise InvalidValue(f"{name.replace('_', ' ')}: a whole number of credits per million tokens") from None
+        raise InvalidValue(f"{label(name)}: a whole number of credits per million tokens",
+                           rule="price", field=name) from None
 
 
 def _prices(form: Mapping[str, Any]) -> Prices:
-    effective = parse_time(_text(form, "effective_at") or None, "effective from")
+    effective = parse_time(_text(form, "effective_at") or None, "effective_at")
     return Prices(prompt_per_mtok=_credits(form, "price_prompt") or 0,
                   completion_per_mtok=_credits(form, "price_completion") or 0,
                   cached_prompt_per_mtok=_credits(form, "price_cached", optional=True),

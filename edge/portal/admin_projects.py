@@ -17,7 +17,7 @@ from litestar.response import Redirect, Template
 
 from domain.access import Actor
 from domain.errors import DomainError, InvalidValue, ProjectCodeTaken, ProjectNotFound, UserNotFound
-from domain.validation import REASON_CHARS_MAX, clean_text
+from domain.validation import REASON_CHARS_MAX, clean_code, clean_email, clean_text, credits
 from edge import queries
 from edge.portal.context import (
     AnyRequest,
@@ -59,14 +59,14 @@ def _amount(form: Mapping[str, Any]) -> int:
     try:
         return int(_text(form, "amount").replace(",", "").replace("_", ""))
     except ValueError:
-        raise InvalidValue("amount: a whole number of credits") from None
+        raise InvalidValue("amount: a whole number of credits", rule="credits", field="amount") from None
 
 
 def _project_id(form: Mapping[str, Any]) -> UUID:
     try:
         return UUID(_text(form, "project_id"))
     except ValueError:
-        raise InvalidValue("no such project") from None
+        raise ProjectNotFound("no such project") from None
 
 
 Notice = tuple[str, dict[str, Any]]
@@ -92,7 +92,9 @@ async def create_project(request: AnyRequest, data: dict[str, Any] = FORM) -> Te
     accounting = runtime_of(request).accounting
 
     def command(actor: Actor, form: Mapping[str, Any]) -> Notice:
-        email, code, name = _text(form, "creator_email"), _text(form, "code"), _text(form, "name")
+        # every input is checked before anything is saved: never a stray account or half a project
+        code, name = clean_code(_text(form, "code")), clean_text(_text(form, "name"), "project_name")
+        email = clean_email(_text(form, "creator_email"))
         try:
             accounting.find_project_by_code(code)
             raise ProjectCodeTaken(f"project code {code} is taken")
@@ -100,8 +102,10 @@ async def create_project(request: AnyRequest, data: dict[str, Any] = FORM) -> Te
             pass
         amount = _amount(form) if _text(form, "amount") else None
         reason = clean_text(_text(form, "reason") or "initial allocation", "reason", chars_max=REASON_CHARS_MAX)
-        if amount is not None and amount <= 0:  # checked before anything is saved: never half a project
-            raise InvalidValue("an initial grant must be a positive number of credits")
+        if amount is not None and amount <= 0:
+            raise InvalidValue("an initial grant must be a positive number of credits", rule="initial_grant")
+        if amount is not None:
+            credits(amount, "amount", low=1)
         try:
             creator = accounting.find_user_by_email(email).id
         except UserNotFound:

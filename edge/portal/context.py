@@ -17,6 +17,7 @@ from litestar.response import Redirect, Template
 
 from domain.access import Actor
 from domain.errors import InvalidValue
+from domain.validation import label
 from edge import queries
 from edge.portal.i18n import COOKIE, LANGUAGE_NAMES, Translator, negotiate
 from edge.runtime import Runtime
@@ -90,5 +91,6 @@ def form_text(form: Mapping[str, Any], name: str, chars_max: int) -> str:
     if isinstance(value, list):
         value = value[0] if value else ""
     if not isinstance(value, str) or len(value) > chars_max:
-        raise InvalidValue(f"{name}: text of at most {chars_max} characters")
+        raise InvalidValue(f"{label(name)}: text of at most {chars_max} characters",
+                           rule="too_long", field=name, chars_max=chars_max)
     return value.strip()

@@ -3,7 +3,8 @@
 Imports: stdlib, domain. Messages live in one TOML catalog per language (`locales/*.toml`, flat
 dotted keys); the two catalogs hold the same keys (a test checks), so a page never shows a key. A
 person's choice is remembered in a cookie; without one, the browser's Accept-Language picks, and
-zh-TW when it names neither language. Domain refusals are shown by their error code's message.
+zh-TW when it names neither language. Domain refusals are worded from their rule and parameters
+(`invalid.*`, `fields.*`) or, without a rule, their error code (`errors.*`).
 """
 
 from __future__ import annotations
@@ -48,14 +49,26 @@ class Translator:
         return text.format(**params) if params else text
 
     def error(self, error: DomainError) -> str:
-        """A refusal in this language. The domain words its refusals in English, precisely (which field,
-        which limit); English pages show them as they are, others show the code's message with them."""
-        key = f"errors.{error.code}"
-        if self.language == "en" or key not in catalog(self.language):
+        """A refusal in this language: the rule it broke, worded by the catalog with its parameters
+        (field names translated too); a refusal without a rule shows its code's message."""
+        rule_key = f"invalid.{error.rule}"
+        if error.rule and rule_key in catalog(self.language):
+            params = {name: self._parameter(name, value) for name, value in error.params.items()}
+            try:
+                return self(rule_key, **params)
+            except (KeyError, IndexError):  # a rule raised without a parameter its message names: say less
+                pass
+        if self.language == "en":
             return str(error)
-        if error.code == "invalid_value":
-            return f"{self(key)}（{error}）"
-        return self(key)
+        code_key = f"errors.{error.code}"
+        return self(code_key if code_key in catalog(self.language) else "errors.domain_error")
+
+    def _parameter(self, name: str, value: object) -> str:
+        if name == "field" and isinstance(value, str):
+            return self(f"fields.{value}") if f"fields.{value}" in catalog(self.language) else value.replace("_", " ")
+        if isinstance(value, int) and not isinstance(value, bool):
+            return f"{value:,}"
+        return str(value)
 
 
 def negotiate(cookie: str | None, accept_language: str | None) -> str:

@@ -17,14 +17,22 @@ from litestar import get, post
 from litestar.response import Redirect, Template
 
 from domain.access import Actor
-from domain.errors import DomainError, PermissionDenied, UserNotFound
+from domain.errors import DomainError, InvalidValue, PermissionDenied, UserNotFound
 from domain.project import Role
+from domain.validation import EMAIL_CHARS_MAX, clean_email
 from edge import queries
-from edge.portal.context import AnyRequest, pool_of, render, runtime_of, settled, take_notice, translator
+from edge.portal.context import (
+    AnyRequest,
+    form_text,
+    pool_of,
+    render,
+    runtime_of,
+    settled,
+    take_notice,
+    translator,
+)
 from edge.portal.project_pages import Visit, page_context, visit_of
 from edge.portal.routes import FORM
-
-EMAIL_CHARS_MAX = 320
 
 
 @get("/projects/{code:str}/members")
@@ -72,8 +80,11 @@ async def add_member(request: AnyRequest, code: str, data: dict[str, Any] = FORM
     accounting = runtime_of(request).accounting
 
     def command(actor: Actor, project_id: UUID, form: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        email = str(form.get("email", "")).strip()[:EMAIL_CHARS_MAX]
-        role = Role.MANAGER if form.get("role") == "manager" else Role.USER
+        email = clean_email(form_text(form, "email", EMAIL_CHARS_MAX))
+        chosen = form_text(form, "role", 20) or "user"
+        if chosen not in ("user", "manager"):
+            raise InvalidValue(f"not a role a member can be given: {chosen!r}", rule="role", value=chosen)
+        role = Role(chosen)
         try:
             user_id = accounting.find_user_by_email(email).id
         except UserNotFound:

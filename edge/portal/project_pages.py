@@ -20,6 +20,7 @@ from litestar.response import Redirect, Template
 from domain.access import Actor
 from domain.api_key import KeySettings, key_status
 from domain.errors import DomainError, InvalidValue, KeyNotFound, PermissionDenied
+from domain.validation import label
 from edge import queries
 from edge.cli_support import parse_time
 from edge.portal.context import (
@@ -126,7 +127,8 @@ def _optional_int(form: Mapping[str, Any], name: str, what: str) -> int | None:
     try:
         return int(text)
     except ValueError:
-        raise InvalidValue(f"{what}: a whole number, or empty for no limit") from None
+        raise InvalidValue(f"{label(what)}: a whole number, or empty for no limit",
+                           rule="optional_int", field=what) from None
 
 
 def _models(form: Mapping[str, Any]) -> tuple[str, ...]:
@@ -134,7 +136,7 @@ def _models(form: Mapping[str, Any]) -> tuple[str, ...]:
     if isinstance(chosen, str):
         chosen = [chosen]
     if not isinstance(chosen, list) or not all(isinstance(m, str) for m in chosen):
-        raise InvalidValue("allowed models: a list of model names")
+        raise InvalidValue("allowed models: a list of model names", rule="model_list")
     return tuple(chosen)
 
 
@@ -142,11 +144,11 @@ def settings_from(form: Mapping[str, Any]) -> KeySettings:
     """Key settings from the form (times in UTC); the domain checks every limit."""
     return KeySettings(
         name=_text(form, "name"),
-        rpm_limit=_optional_int(form, "rpm_limit", "requests per minute"),
-        tpm_limit=_optional_int(form, "tpm_limit", "tokens per minute"),
-        cap_credits=_optional_int(form, "cap_credits", "usage cap"),
-        valid_from=parse_time(_text(form, "valid_from") or None, "valid from"),
-        valid_until=parse_time(_text(form, "valid_until") or None, "valid until"),
+        rpm_limit=_optional_int(form, "rpm_limit", "requests_per_minute"),
+        tpm_limit=_optional_int(form, "tpm_limit", "tokens_per_minute"),
+        cap_credits=_optional_int(form, "cap_credits", "usage_cap"),
+        valid_from=parse_time(_text(form, "valid_from") or None, "valid_from"),
+        valid_until=parse_time(_text(form, "valid_until") or None, "valid_until"),
         allowed_models=_models(form),
     )
 

@@ -66,6 +66,11 @@ class Stack:
     def new_key(self, **settings: object) -> tuple[UUID, str]:
         return self.app.create_key(SYSTEM, self.project_id, self.user_id, KeySettings(**{"name": "k", **settings}))
 
+    def add_model(self, name: str) -> None:
+        """Another model served by the same fake upstream."""
+        self.app.add_model(SYSTEM, name, Deployment(name, BackendKind.OPENAI, self.upstream_url, "fake-upstream"),
+                           Prices(1_000, 2_000, datetime(2020, 1, 1, tzinfo=UTC)))
+
 
 @pytest.fixture
 def fake_upstream() -> Iterator[str]:

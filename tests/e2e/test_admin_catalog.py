@@ -70,12 +70,15 @@ def test_an_administrator_manages_the_catalog_from_the_portal(stack: Stack, admi
 
 
 @pytest.mark.parametrize(("form", "message"), [
-    ({"name": "bad", "deployment": "d", "backend": "openai", "base_url": "ftp://x"}, "base URL must be"),
-    ({"name": "bad", "deployment": "d", "backend": "openai", "base_url": "http://h", "weight": "lots"}, "invalid literal"),
-    ({"name": "bad", "deployment": "d", "backend": "openai", "base_url": "http://h", "price_prompt": "-5"}, "price"),
-    ({"name": "bad", "deployment": "d", "backend": "carrier-pigeon", "base_url": "http://h"}, "carrier-pigeon"),
+    ({"name": "bad", "deployment": "d", "backend": "openai", "base_url": "ftp://x"}, "“ftp://x” is not an http(s) address"),
+    ({"name": "bad", "deployment": "d", "backend": "openai", "base_url": "http://h", "weight": "lots"}, "Weight must be a number."),
+    ({"name": "bad", "deployment": "d", "backend": "openai", "base_url": "http://h", "price_prompt": "-5"},
+     "Prompt price must be between 0 and"),
+    ({"name": "bad", "deployment": "d", "backend": "carrier-pigeon", "base_url": "http://h"},
+     "“carrier-pigeon” is not a backend"),
     ({"name": "llama", "deployment": "d", "backend": "openai", "base_url": "http://h"}, "already exists"),
-    ({"name": "bad", "deployment": "d", "backend": "openai", "base_url": "http://h", "tokenizer": "magic"}, "tokenizer"),
+    ({"name": "bad", "deployment": "d", "backend": "openai", "base_url": "http://h", "tokenizer": "magic"},
+     "The tokenizer must be vllm, estimate or file:"),
 ])
 def test_refused_changes_are_explained_on_the_page(stack: Stack, admin: httpx.Client, form: dict[str, str],
                                                    message: str) -> None:
@@ -89,7 +92,7 @@ def test_the_catalog_speaks_traditional_chinese_by_default(stack: Stack) -> None
         page = client.get("/admin/models")
         assert page.status_code == 200 and "模型目錄" in page.text and '<html lang="zh-TW"' in page.text
         refused = post(client, "/admin/models", name="bad", deployment="d", backend="openai", base_url="ftp://x")
-        assert refused.status_code == 400 and "輸入內容有誤" in refused.text and "base URL must be" in refused.text
+        assert refused.status_code == 400 and "「ftp://x」不是不含查詢字串的 http(s) 網址。" in refused.text
 
 
 def test_people_who_are_not_administrators_cannot_see_or_change_the_catalog(stack: Stack) -> None:
@@ -125,18 +128,34 @@ def test_an_administrator_creates_projects_and_grants_and_corrects_credits(stack
     assert "250,500" in row
 
 
-@pytest.mark.parametrize(("path", "form", "message"), [
-    ("/admin/projects", {"code": "nlp", "name": "Again", "creator_email": "x@uni.edu"}, "is taken"),
-    ("/admin/projects", {"code": "new", "name": "New", "creator_email": "x@uni.edu", "amount": "-5"}, "positive"),
-    ("/admin/projects", {"code": "new", "name": "New", "creator_email": "x@uni.edu", "amount": "lots"}, "whole number"),
-    ("/admin/projects", {"code": "new", "name": "New", "creator_email": "not-an-email"}, "e-mail"),
-    ("/admin/projects/credits", {"project_id": "nope", "amount": "5", "reason": "r"}, "no such project"),
-    ("/admin/projects/credits", {"project_id": "", "amount": "0", "reason": "r", "kind": "correction"}, "project"),
+@pytest.mark.parametrize(("path", "form", "english", "chinese"), [
+    ("/admin/projects", {"code": "nlp", "name": "Again", "creator_email": "x@uni.edu"},
+     "project code nlp is taken", "此專案代碼已被使用。"),
+    ("/admin/projects", {"code": "new", "name": "New", "creator_email": "x@uni.edu", "amount": "-5"},
+     "An initial grant must be a positive number of credits.", "初始撥款必須是正整數點數。"),
+    ("/admin/projects", {"code": "new", "name": "New", "creator_email": "x@uni.edu", "amount": "lots"},
+     "Amount must be a whole number of credits.", "金額必須是整數點數。"),
+    ("/admin/projects", {"code": "new", "name": "New", "creator_email": "not-an-email"},
+     "“not-an-email” is not an e-mail address.", "「not-an-email」不是電子郵件地址。"),
+    ("/admin/projects", {"code": "N E W", "name": "New", "creator_email": "x@uni.edu"},
+     "A project code is 2 to 40 characters", "專案代碼為 2 至 40 個字元"),
+    ("/admin/projects", {"code": "new", "name": "", "creator_email": "x@uni.edu"},
+     "Project name must not be empty.", "專案名稱不可為空白。"),
+    ("/admin/projects", {"code": "new", "name": "New", "creator_email": "x@uni.edu", "amount": "10" * 10},
+     "Amount must be between 1 and 1,000,000,000,000,000.", "金額必須介於 1 與 1,000,000,000,000,000 之間。"),
+    ("/admin/projects/credits", {"project_id": "nope", "amount": "5", "reason": "r"},
+     "no such project", "找不到此專案。"),
+    ("/admin/projects/credits", {"project_id": "", "amount": "0", "reason": "r", "kind": "correction"},
+     "no such project", "找不到此專案。"),
 ])
 def test_refused_project_changes_are_explained_and_save_nothing(stack: Stack, admin: httpx.Client, path: str,
-                                                                form: dict[str, str], message: str) -> None:
-    refused = post(admin, path, **form)
-    assert refused.status_code == 400 and message in refused.text and 'role="alert"' in refused.text
+                                                                form: dict[str, str], english: str,
+                                                                chinese: str) -> None:
+    for language, message in (("en", english), ("zh-TW", chinese)):
+        admin.cookies.set("lwapi_lang", language)
+        refused = post(admin, path, **form)
+        assert refused.status_code == 400 and 'role="alert"' in refused.text
+        assert message in refused.text.split('role="alert"')[1].split("</")[0]
     with pytest.raises(Exception, match="no user"):
         stack.app.find_user_by_email("x@uni.edu")  # no stray account from a refused creation
     with pytest.raises(Exception, match="no project"):

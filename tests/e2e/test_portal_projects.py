@@ -141,21 +141,30 @@ def test_other_projects_and_their_keys_are_invisible(stack: Stack, people: Peopl
         assert anonymous.get("/projects/nlp").headers["location"] == "/login"
 
 
-@pytest.mark.parametrize(("form", "message"), [
-    ({"name": ""}, "key name"),
-    ({"name": "x", "rpm_limit": "many"}, "requests per minute"),
-    ({"name": "x", "rpm_limit": "0"}, "rpm"),
-    ({"name": "x", "cap_credits": "-1"}, "usage cap"),
-    ({"name": "x", "valid_from": "2030-01-02T00:00", "valid_until": "2030-01-01T00:00"}, "valid until must be after"),
-    ({"name": "x", "valid_from": "yesterday"}, "not an ISO 8601 time"),
-    ({"name": "x" * 600}, "at most"),
+@pytest.mark.parametrize(("form", "english", "chinese"), [
+    ({"name": ""}, "Key name must not be empty.", "金鑰名稱不可為空白。"),
+    ({"name": "x", "rpm_limit": "many"}, "Requests per minute must be a whole number, or empty for no limit.",
+     "每分鐘請求數必須是整數，或留空表示不限制。"),
+    ({"name": "x", "rpm_limit": "0"}, "Requests per minute must be between 1 and 1,000,000,000.",
+     "每分鐘請求數必須介於 1 與 1,000,000,000 之間。"),
+    ({"name": "x", "cap_credits": "-1"}, "Usage cap must be between 0 and 1,000,000,000,000,000.",
+     "用量上限必須介於 0 與 1,000,000,000,000,000 之間。"),
+    ({"name": "x", "valid_from": "2030-01-02T00:00", "valid_until": "2030-01-01T00:00"},
+     "“Valid until” must be later than “valid from”.", "「失效時間」必須晚於「生效時間」。"),
+    ({"name": "x", "valid_from": "yesterday"}, "Valid from must be a date and time", "生效時間必須是日期與時間"),
+    ({"name": "x" * 600}, "must be at most", "最多"),
+    ({"name": "x", "models": "no-such-model"}, "no-such-model", "no-such-model"),
 ])
-def test_bad_key_input_is_explained_and_nothing_is_saved(stack: Stack, browser_of, form: dict[str, str],  # type: ignore[no-untyped-def]
-                                                         message: str) -> None:
-    member = browser_of("member@uni.edu")
+def test_bad_key_input_is_explained_in_the_persons_language_and_nothing_is_saved(  # type: ignore[no-untyped-def]
+        stack: Stack, browser_of, form: dict[str, str], english: str, chinese: str) -> None:
     before = len(stack.app.keys_of_project(SYSTEM, stack.project_id))
-    refused = post(member, "/projects/nlp/keys", form)
-    assert refused.status_code == 400 and message in refused.text and 'role="alert"' in refused.text
+    for language, message in (("en", english), ("zh-TW", chinese)):
+        refused = post(browser_of("member@uni.edu", language), "/projects/nlp/keys", form)
+        assert refused.status_code == 400 and 'role="alert"' in refused.text
+        alert = refused.text.split('role="alert"')[1].split("</")[0]
+        assert message in alert, alert
+        if language == "zh-TW":
+            assert not re.search(r"\b(must|not|between|characters)\b", alert), alert  # no English left in it
     assert len(stack.app.keys_of_project(SYSTEM, stack.project_id)) == before
 
 
@@ -173,6 +182,27 @@ def test_the_api_guide_and_usage_rules_in_both_languages(stack: Stack) -> None:
     assert "API 使用說明" in httpx.get(portal + "/docs").text  # zh-TW by default
     assert "使用規範" in httpx.get(portal + "/docs/rules").text
     assert "Usage rules" in httpx.get(portal + "/docs/rules", cookies={"lwapi_lang": "en"}).text
+
+
+@pytest.mark.parametrize(("path", "form", "english", "chinese"), [
+    ("/projects/nlp/members", {"email": "not-an-email"}, "“not-an-email” is not an e-mail address.",
+     "「not-an-email」不是電子郵件地址。"),
+    ("/projects/nlp/members", {"email": ""}, "E-mail must not be empty.", "電子郵件不可為空白。"),
+    ("/projects/nlp/members", {"email": "x@uni.edu", "role": "owner"}, "“owner” is not a role a member can be given",
+     "「owner」不是可指派給成員的角色"),
+    ("/projects/nlp/members", {"email": "member@uni.edu"}, "already", "此人已是專案成員。"),
+    ("/projects/nlp/members/remove", {"user_id": "not-a-uuid"}, "no such member", "找不到此使用者。"),
+])
+def test_bad_member_input_is_explained_in_the_persons_language(  # type: ignore[no-untyped-def]
+        stack: Stack, browser_of, path: str, form: dict[str, str], english: str, chinese: str) -> None:
+    members_before = stack.app.get_project(stack.project_id).members
+    for language, message in (("en", english), ("zh-TW", chinese)):
+        refused = post(browser_of("researcher@uni.edu", language), path, form)
+        assert refused.status_code == 400 and 'role="alert"' in refused.text
+        assert message in refused.text.split('role="alert"')[1].split("</")[0]
+    assert stack.app.get_project(stack.project_id).members == members_before
+    with pytest.raises(Exception, match="no user"):
+        stack.app.find_user_by_email("x@uni.edu")  # no stray account from a refused invitation
 
 
 def test_members_by_role(stack: Stack, people: People, browser_of) -> None:  # type: ignore[no-untyped-def]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -14,6 +16,8 @@ from adapters.database import create_pool, eventstore_env
 from domain.access import SYSTEM
 from domain.accounting import Accounting
 from domain.api_key import KeySettings
+from domain.catalog import BackendKind, Deployment, ModelExists
+from domain.pricing import Prices
 from domain.project import Role
 from domain.usage import UsageEntry
 from projections.base import SCHEMA
@@ -51,6 +55,10 @@ def sample_history(app: Accounting, rng: random.Random, *, projects: int = 3, ba
         for owner in (users[(p + 1) % 5], users[(p + 2) % 5]):
             key_id, _ = app.create_key(SYSTEM, pid, owner, KeySettings(name=f"key {p}", rpm_limit=60))
             key_ids.append((pid, key_id))
+    for name in ("a", "b"):  # the models a key allows must be in the catalog
+        with contextlib.suppress(ModelExists):
+            app.add_model(SYSTEM, name, Deployment(name, BackendKind.OPENAI, "http://h", name),
+                          Prices(1, 1, datetime(2020, 1, 1, tzinfo=UTC)))
     app.edit_key(SYSTEM, key_ids[0][1], KeySettings(name="renamed", tpm_limit=1000, allowed_models=("a", "b")))
     app.revoke_key(SYSTEM, key_ids[1][1])
     app.hand_over_creator(SYSTEM, project_ids[0], users[1])

@@ -34,6 +34,10 @@ def test_administration_flow(lwapi) -> None:
     lwapi("credits", "grant", "genomics", "500000", "--reason", "2026 allocation")
     lwapi("credits", "correct", "genomics", "-1500", "--reason", "billing error")
     lwapi("member", "add", "genomics", "ra@uni.edu", "--role", "user")
+    for model in ("llama-3", "qwen2"):  # a key may allow only models of the catalog
+        lwapi("model", "add", model, "--backend", "vllm", "--base-url", f"http://{model}:8000/v1")
+    unknown = lwapi("key", "create", "genomics", "--owner", "ra@uni.edu", "--name", "x", "--models", "llama-4", ok=False)
+    assert unknown.returncode != 0 and "no model named llama-4" in unknown.stderr
     created = lwapi("key", "create", "genomics", "--owner", "ra@uni.edu", "--name", "notebook", "--rpm", "60",
                     "--tpm", "100000", "--cap", "20000", "--valid-until", "2027-06-30T00:00:00+08:00",
                     "--models", "llama-3,qwen2")

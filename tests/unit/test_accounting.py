@@ -189,6 +189,8 @@ def test_key_status_is_a_function_of_state_and_time(app: Accounting, world) -> N
 
 def test_revoked_key_cannot_be_edited_or_revoked_again(app: Accounting, world) -> None:
     key_id, _ = app.create_key(SYSTEM, world["project"], world["user"], KeySettings(name="k"))
+    for name in ("a", "b"):
+        app.add_model(SYSTEM, name, Deployment(name, BackendKind.OPENAI, "http://h", name), Prices(1, 1, NOW))
     app.edit_key(SYSTEM, key_id, KeySettings(name="renamed", rpm_limit=60, allowed_models=("b", "a", "a")))
     assert app.get_key(key_id).settings.allowed_models == ("a", "b")
     app.revoke_key(SYSTEM, key_id)
@@ -209,12 +211,14 @@ def test_revoked_key_cannot_be_edited_or_revoked_again(app: Accounting, world) -
         KeySettings(name="k", valid_from=NOW, valid_until=NOW),
         KeySettings(name="k", valid_from=datetime(2026, 1, 1)),  # naive on purpose
         KeySettings(name="k", allowed_models=("bad model name",)),
+        KeySettings(name="k", allowed_models=("not-in-the-catalog",)),
         KeySettings(name="k\x00"),
     ],
 )
 def test_bad_key_settings_are_refused(app: Accounting, world, settings: KeySettings) -> None:
-    with pytest.raises(InvalidValue):
+    with pytest.raises((InvalidValue, ModelNotFound)):
         app.create_key(SYSTEM, world["project"], world["user"], settings)
+    assert app.keys_of_project(SYSTEM, world["project"]) == []
 
 
 def test_removing_a_member_revokes_their_keys(app: Accounting, world) -> None:
