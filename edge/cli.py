@@ -19,6 +19,7 @@ from domain.access import SYSTEM
 from domain.errors import InvalidValue
 from domain.project import Role
 from edge import queries
+from edge.cli_audit import audit
 from edge.cli_catalog import model
 from edge.cli_keys import key
 from edge.cli_support import (
@@ -310,6 +311,7 @@ def serve(ctx: click.Context, port: int | None, host: str | None, data_dir: Path
 
 main.add_command(model)
 main.add_command(key)
+main.add_command(audit)
 
 
 if __name__ == "__main__":

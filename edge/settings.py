@@ -56,6 +56,12 @@ class Settings:
     """The portal's address as people reach it (LWAPI_PUBLIC_URL), for the SSO redirect; default: as requested."""
     no_project_text: str | None = None
     """What a person without a project reads, e.g. whom to ask (LWAPI_NO_PROJECT_TEXT)."""
+    audit_key_file: Path | None = None
+    """Ed25519 key that signs exported chain heads (LWAPI_AUDIT_KEY_FILE); unset means `data_dir/audit_key`."""
+
+    @property
+    def audit_key_path(self) -> Path:
+        return self.audit_key_file or self.data_dir / "audit_key"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -79,6 +85,7 @@ class Settings:
             oidc_client_secret=e.get("LWAPI_OIDC_CLIENT_SECRET") or _file(e.get("LWAPI_OIDC_CLIENT_SECRET_FILE")),
             public_url=(e.get("LWAPI_PUBLIC_URL") or "").rstrip("/") or None,
             no_project_text=e.get("LWAPI_NO_PROJECT_TEXT") or None,
+            audit_key_file=Path(e["LWAPI_AUDIT_KEY_FILE"]).absolute() if e.get("LWAPI_AUDIT_KEY_FILE") else None,
         )
 
     def as_env(self) -> dict[str, str]:
@@ -93,7 +100,8 @@ class Settings:
                     "LWAPI_CATALOG_FILE": str(self.catalog_file) if self.catalog_file else None,
                     "LWAPI_OIDC_ISSUER": self.oidc_issuer, "LWAPI_OIDC_CLIENT_ID": self.oidc_client_id,
                     "LWAPI_OIDC_CLIENT_SECRET": self.oidc_client_secret, "LWAPI_PUBLIC_URL": self.public_url,
-                    "LWAPI_NO_PROJECT_TEXT": self.no_project_text}
+                    "LWAPI_NO_PROJECT_TEXT": self.no_project_text,
+                    "LWAPI_AUDIT_KEY_FILE": str(self.audit_key_file) if self.audit_key_file else None}
         return env | {k: v for k, v in optional.items() if v}
 
     def with_overrides(self, *, data_dir: Path | None = None, port: int | None = None,

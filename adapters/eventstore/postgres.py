@@ -1,9 +1,12 @@
-"""PostgreSQL event store: eventsourcing's recorder plus request-id claims and an append-only guard.
+"""PostgreSQL event store: eventsourcing's recorder plus request-id claims, an append-only guard and a
+hash chain.
 
 Imports: eventsourcing, psycopg, domain. Select it with
 PERSISTENCE_MODULE="adapters.eventstore.postgres:ClaimingPostgresFactory". Creating the tables also
 installs triggers that make the database itself refuse UPDATE, DELETE and TRUNCATE on the stored
-events and on the claims, so history can only grow.
+events and on the claims, so history can only grow, and one that chains every inserted event to the
+one before it (`domain.audit.link`, computed in SQL: the recorder's table lock already serialises
+inserts in position order, so the previous digest is always the last row of the chain).
 """
 
 from __future__ import annotations
@@ -21,6 +24,55 @@ from domain.claims import CLAIMS_KWARG
 
 CLAIMS_TABLE = "usage_request_claims"
 GUARD_FUNCTION = "lwapi_refuse_history_change"
+LINK_FUNCTION = "lwapi_chain_link"
+CHAIN_FUNCTION = "lwapi_chain_event"
+
+
+def chain_table_name(events_table: str) -> str:
+    return f"{events_table}_chain"
+
+
+def chain_statements(schema: str, events_table: str) -> list[Composed]:
+    """The chain table, the digest function, the trigger that fills the table, and a one-time backfill.
+
+    An existing log (from before the chain) is chained once, when the chain table is first created, under
+    the events table's lock; afterwards only the trigger writes it, so an event written with the trigger
+    disabled stays visibly unchained instead of being blessed by a later backfill.
+    """
+    chain = chain_table_name(events_table)
+    fmt = {"schema": Identifier(schema), "events": Identifier(events_table), "chain": Identifier(chain),
+           "link": Identifier(LINK_FUNCTION), "chain_fn": Identifier(CHAIN_FUNCTION),
+           "qualified_chain": Literal(f'"{schema}"."{chain}"'),
+           "qualified_events": Literal(f'"{schema}"."{events_table}"'),
+           "trigger": Identifier(f"{events_table}_chained"), "trigger_name": Literal(f"{events_table}_chained")}
+    return [
+        SQL("CREATE OR REPLACE FUNCTION {schema}.{link}(prior bytea, pos bigint, originator uuid, "
+            "version bigint, topic text, state bytea) RETURNS bytea LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $f$ "
+            "SELECT sha256(prior || int8send(pos) || uuid_send(originator) || int8send(version) "
+            "|| int4send(octet_length(convert_to(coalesce(topic, ''), 'UTF8'))) "
+            "|| convert_to(coalesce(topic, ''), 'UTF8') "
+            "|| int4send(octet_length(coalesce(state, ''::bytea))) || coalesce(state, ''::bytea)) $f$").format(**fmt),
+        SQL("CREATE OR REPLACE FUNCTION {schema}.{chain_fn}() RETURNS trigger LANGUAGE plpgsql AS $f$ "
+            "DECLARE previous bytea; BEGIN "
+            "SELECT digest INTO previous FROM {schema}.{chain} ORDER BY notification_id DESC LIMIT 1; "
+            "INSERT INTO {schema}.{chain} (notification_id, digest) VALUES (NEW.notification_id, "
+            "{schema}.{link}(coalesce(previous, decode(repeat('00', 32), 'hex')), NEW.notification_id, "
+            "NEW.originator_id, NEW.originator_version, NEW.topic, NEW.state)); "
+            "RETURN NULL; END $f$").format(**fmt),
+        SQL("DO $do$ DECLARE r record; previous bytea := decode(repeat('00', 32), 'hex'); BEGIN "
+            "IF to_regclass({qualified_chain}) IS NULL THEN "
+            "CREATE TABLE {schema}.{chain} (notification_id bigint PRIMARY KEY, digest bytea NOT NULL); "
+            "LOCK TABLE {schema}.{events} IN EXCLUSIVE MODE; "
+            "FOR r IN SELECT notification_id, originator_id, originator_version, topic, state "
+            "FROM {schema}.{events} ORDER BY notification_id LOOP "
+            "previous := {schema}.{link}(previous, r.notification_id, r.originator_id, r.originator_version, "
+            "r.topic, r.state); "
+            "INSERT INTO {schema}.{chain} VALUES (r.notification_id, previous); END LOOP; END IF; "
+            "IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = {qualified_events}::regclass "
+            "AND tgname = {trigger_name}) THEN CREATE TRIGGER {trigger} AFTER INSERT ON {schema}.{events} "
+            "FOR EACH ROW EXECUTE FUNCTION {schema}.{chain_fn}(); END IF; END $do$").format(**fmt),
+        *append_only_statements(schema, chain),
+    ]
 
 
 def append_only_statements(schema: str, table: str) -> list[Composed]:
@@ -57,6 +109,7 @@ class ClaimingPostgresApplicationRecorder(PostgresApplicationRecorder):
                 schema, Identifier(GUARD_FUNCTION)),
             *append_only_statements(self.datastore.schema, self.events_table_name),
             *append_only_statements(self.datastore.schema, CLAIMS_TABLE),
+            *chain_statements(self.datastore.schema, self.events_table_name),
         ]
         self._insert_claims = SQL("INSERT INTO {0}.{1} (request_id) SELECT unnest(%s::text[])").format(
             schema, self.claims_table)

@@ -24,12 +24,12 @@ def _world(url: str):
     return app, project, key_id
 
 
-@pytest.mark.parametrize("table", ["accounting_events", "usage_request_claims"])
+@pytest.mark.parametrize("table", ["accounting_events", "usage_request_claims", "accounting_events_chain"])
 @pytest.mark.parametrize("statement", ["UPDATE {t} SET {c} = {c}", "DELETE FROM {t}", "TRUNCATE {t}"])
 def test_history_tables_refuse_update_delete_and_truncate(database_url: str, table: str, statement: str) -> None:
     app, project, key_id = _world(database_url)
     app.record_usage(uuid.uuid4(), entries(project, key_id, 3))
-    column = "topic" if table == "accounting_events" else "request_id"
+    column = {"accounting_events": "topic", "usage_request_claims": "request_id"}.get(table, "digest")
     with psycopg.connect(database_url, autocommit=True) as conn:
         before = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
