@@ -37,8 +37,13 @@ class Prices:
             else credits(self.cached_prompt_per_mtok, "cached_prompt_price"),
         )
 
+    @property
+    def cached_per_mtok(self) -> int:
+        """What a cached prompt token costs: its own price, else the prompt price."""
+        return self.prompt_per_mtok if self.cached_prompt_per_mtok is None else self.cached_prompt_per_mtok
+
     def cost_credits(self, tokens_prompt: int, tokens_prompt_cached: int, tokens_completion: int) -> int:
-        cached_price = self.prompt_per_mtok if self.cached_prompt_per_mtok is None else self.cached_prompt_per_mtok
+        cached_price = self.cached_per_mtok
         micro = ((tokens_prompt - tokens_prompt_cached) * self.prompt_per_mtok
                  + tokens_prompt_cached * cached_price + tokens_completion * self.completion_per_mtok)
         cost = -(-micro // TOKENS_PER_PRICE_UNIT)  # ceiling division on integers

@@ -8,12 +8,14 @@ primitives (`ROW_FIELDS`) so that projections can fold a million of them without
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
 from eventsourcing.domain import Aggregate
 
 from domain.errors import DuplicateRequest, InvalidValue
+from domain.pricing import Prices
 from domain.validation import COUNT_MAX, CREDITS_MAX, MODEL_NAME_CHARS_MAX
 
 ENTRIES_PER_BATCH_MAX = 5_000
@@ -25,13 +27,17 @@ ROW_FIELDS = (
     "request_id", "project_id", "key_id", "model", "deployment",
     "tokens_prompt", "tokens_prompt_cached", "tokens_completion", "cost_credits",
     "started_at_ms", "finished_at_ms", "estimated",
+    "price_prompt", "price_completion", "price_cached",
 )
+OPTIONAL_TAIL = 3  # rows stored before prices were recorded end at "estimated"
 Row = list[Any]
 
 
 @dataclass(frozen=True)
 class UsageEntry:
-    """What one request consumed. `estimated` is true when the backend reported no usage."""
+    """What one request consumed, and the prices (credits per million tokens) it was charged at: those in
+    force when it started. `estimated` is true when the backend reported no usage. Entries recorded
+    before prices were kept carry None there; their cost stands as charged."""
 
     request_id: str
     project_id: UUID
@@ -45,6 +51,9 @@ class UsageEntry:
     started_at_ms: int
     finished_at_ms: int
     estimated: bool = False
+    price_prompt: int | None = None
+    price_completion: int | None = None
+    price_cached: int | None = None
 
     @property
     def tokens_total(self) -> int:
@@ -68,6 +77,15 @@ class UsageEntry:
             raise InvalidValue("a request cannot finish before it starts")
         if not isinstance(self.estimated, bool):
             raise InvalidValue("estimated must be a boolean")
+        prices = (self.price_prompt, self.price_completion, self.price_cached)
+        if any(p is not None for p in prices):
+            for name, price in zip(("price_prompt", "price_completion", "price_cached"), prices, strict=True):
+                _check_int(price, name, CREDITS_MAX)
+            charged = Prices(self.price_prompt or 0, self.price_completion or 0, datetime.now(UTC),
+                             self.price_cached).cost_credits(self.tokens_prompt, self.tokens_prompt_cached,
+                                                             self.tokens_completion)
+            if charged != self.cost_credits:  # a charge must be its tokens at its prices, to the credit
+                raise InvalidValue(f"cost {self.cost_credits} is not the tokens at the entry's prices ({charged})")
         return self
 
     def to_row(self) -> Row:
@@ -75,11 +93,14 @@ class UsageEntry:
         # ~17 µs of the ~20 µs per entry that recording a batch took.
         return [self.request_id, self.project_id.hex, self.key_id.hex, self.model, self.deployment,
                 self.tokens_prompt, self.tokens_prompt_cached, self.tokens_completion, self.cost_credits,
-                self.started_at_ms, self.finished_at_ms, self.estimated]
+                self.started_at_ms, self.finished_at_ms, self.estimated,
+                self.price_prompt, self.price_completion, self.price_cached]
 
     @classmethod
     def from_row(cls, row: Row) -> UsageEntry:
         values = list(row)
+        if not len(ROW_FIELDS) - OPTIONAL_TAIL <= len(values) <= len(ROW_FIELDS):
+            raise InvalidValue(f"a usage row has {len(ROW_FIELDS)} fields, not {len(values)}")
         values[1], values[2] = UUID(values[1]), UUID(values[2])
         return cls(*values)
 

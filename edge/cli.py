@@ -22,6 +22,7 @@ from edge import queries
 from edge.cli_audit import audit
 from edge.cli_catalog import model
 from edge.cli_keys import key
+from edge.cli_reports import report
 from edge.cli_support import (
     EXIT_SETUP,
     emit,
@@ -74,11 +75,11 @@ async def _positions(pool: Any) -> dict[str, int]:
 @click.pass_context
 @handles_errors
 def db_check(ctx: click.Context, as_json: bool) -> None:
-    """Check the connection, the append-only guard and the read models' lag."""
+    """Check the connection, the append-only guard, the hash chain trigger and the read models' lag."""
     with runtime(ctx) as rt:
         report = read(rt, queries.health)
     emit(report, as_json, lambda r: "\n".join(f"{k}: {v}" for k, v in r.items()))
-    if not report["append_only_guard"]:
+    if not (report["append_only_guard"] and report["hash_chain"]):
         sys.exit(1)
 
 
@@ -312,6 +313,7 @@ def serve(ctx: click.Context, port: int | None, host: str | None, data_dir: Path
 main.add_command(model)
 main.add_command(key)
 main.add_command(audit)
+main.add_command(report)
 
 
 if __name__ == "__main__":

@@ -110,11 +110,13 @@ async def rebuild(pool: asyncpg.Pool) -> dict[str, Any]:
 async def health(pool: asyncpg.Pool) -> dict[str, Any]:
     guard = await pool.fetchval(
         "SELECT count(*) FROM pg_trigger WHERE tgname IN ('accounting_events_append_only', "
-        "'accounting_events_no_truncate', 'usage_request_claims_append_only', 'usage_request_claims_no_truncate') "
-        "AND tgenabled <> 'D'")
+        "'accounting_events_no_truncate', 'usage_request_claims_append_only', 'usage_request_claims_no_truncate', "
+        "'accounting_events_chain_append_only', 'accounting_events_chain_no_truncate') AND tgenabled <> 'D'")
+    chained = await pool.fetchval("SELECT count(*) FROM pg_trigger WHERE tgname = 'accounting_events_chained' "
+                                  "AND tgenabled <> 'D'")
     status = await projection_status(pool)
     return {"database": "ok", "server_version": await pool.fetchval("SHOW server_version"),
-            "append_only_guard": guard == 4, "events": status[0]["head"] if status else 0,
+            "append_only_guard": guard == 6, "hash_chain": chained == 1, "events": status[0]["head"] if status else 0,
             "max_projection_lag_events": max((s["lag_events"] for s in status), default=0)}
 
 

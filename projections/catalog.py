@@ -9,6 +9,7 @@ from projections.api_keys import ApiKeysProjection
 from projections.balances import BalancesProjection
 from projections.base import Projection
 from projections.key_usage import KeyUsageProjection
+from projections.ledger import LedgerProjection
 from projections.memberships import MembershipsProjection
 from projections.models import ModelsProjection
 from projections.projects import ProjectsProjection
@@ -20,4 +21,5 @@ def all_projections() -> list[Projection]:
     return [
         UsersProjection(), ProjectsProjection(), MembershipsProjection(), ApiKeysProjection(),
         BalancesProjection(), KeyUsageProjection(), UsageRollupsProjection(), ModelsProjection(),
+        LedgerProjection(),
     ]

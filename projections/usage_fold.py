@@ -16,7 +16,7 @@ from projections.base import Logged
 
 HOUR_MS = 3_600_000
 (I_REQUEST, I_PROJECT, I_KEY, I_MODEL, I_DEPLOYMENT, I_PROMPT, I_CACHED, I_COMPLETION, I_COST,
- I_STARTED, I_FINISHED, I_ESTIMATED) = range(len(ROW_FIELDS))
+ I_STARTED, I_FINISHED, I_ESTIMATED, I_PRICE_PROMPT, I_PRICE_COMPLETION, I_PRICE_CACHED) = range(len(ROW_FIELDS))
 
 
 def usage_rows(page: Sequence[Logged]) -> Iterable[list[Any]]:

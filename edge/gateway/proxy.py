@@ -271,7 +271,8 @@ class Gateway:
         now_ms = int(time.time() * 1000)
         entry = UsageEntry(call.request_id, call.ticket.key.project_id, call.ticket.key.key_id, call.model.name,
                            call.route.name if call.route else "", prompt, cached, completion, cost,
-                           min(int(call.started.timestamp() * 1000), now_ms), now_ms, estimated)
+                           min(int(call.started.timestamp() * 1000), now_ms), now_ms, estimated,
+                           prices.prompt_per_mtok, prices.completion_per_mtok, prices.cached_per_mtok)
         self.spool.append(entry)
         self.metrics.count_tokens(call.model.name, prompt, completion)
         return cost

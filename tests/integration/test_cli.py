@@ -63,8 +63,9 @@ def test_administration_flow(lwapi) -> None:
     assert roles == {"ra@uni.edu": "creator", "lead@uni.edu": "manager"}
     status = json.loads(lwapi("projections", "status", "--json").stdout)
     assert all(s["lag_events"] == 0 for s in status)
-    assert "rebuilt 8 read models" in lwapi("projections", "rebuild").stdout
-    assert json.loads(lwapi("db", "check", "--json").stdout)["append_only_guard"] is True
+    assert "rebuilt 9 read models" in lwapi("projections", "rebuild").stdout
+    checked = json.loads(lwapi("db", "check", "--json").stdout)
+    assert checked["append_only_guard"] is True and checked["hash_chain"] is True
 
 
 @pytest.mark.parametrize(

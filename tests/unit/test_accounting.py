@@ -329,3 +329,15 @@ def test_a_deployment_keeps_its_tokenizer_source(app: Accounting) -> None:
     app.add_model(SYSTEM, "m", Deployment("g", BackendKind.OPENAI, "http://h", "m", tokenizer="estimate"),
                   Prices(1, 1, NOW))
     assert app.get_model("m").deployments[0].tokenizer == "estimate"
+
+
+def test_an_entry_carries_its_prices_and_its_cost_must_be_its_tokens_at_them() -> None:
+    p, k = uuid4(), uuid4()
+    priced = UsageEntry("r", p, k, "m", "d", 1_000, 200, 500, 1, 0, 1, False, 100, 300, 50)
+    assert priced.validate() and UsageEntry.from_row(priced.to_row()) == priced  # 0.08 + 0.01 + 0.15 → 1 credit
+    with pytest.raises(InvalidValue, match="not the tokens at the entry's prices"):
+        UsageEntry("r", p, k, "m", "d", 1_000, 200, 500, 2, 0, 1, False, 100, 300, 50).validate()
+    legacy_row = priced.to_row()[:12]  # recorded before prices were kept: still read, its cost stands
+    assert UsageEntry.from_row(legacy_row).price_prompt is None
+    with pytest.raises(InvalidValue, match="fields"):
+        UsageEntry.from_row(priced.to_row()[:5])
