@@ -23,9 +23,11 @@ from adapters.audit_signing import HeadInvalid, export_head, fingerprint, load_o
 from adapters.database import create_pool
 from domain.audit import Head
 from edge.cli_support import handles_errors, json_option, runtime
+from projections.reconcile import Reconciliation, reconcile
 
 T = TypeVar("T")
 EXIT_ALTERED = 3
+EXIT_DIFFERS = 4
 
 
 def _with_pool(ctx: click.Context, work: Callable[[asyncpg.Pool], Awaitable[T]]) -> T:
@@ -98,3 +100,33 @@ def head(ctx: click.Context, out: Path | None) -> None:
         out.write_text(text, encoding="utf-8")
         public = key.public_key().public_bytes_raw()
         click.echo(f"head at position {current.position} written to {out}; signing key {fingerprint(public)}")
+
+
+@audit.command("reconcile")
+@json_option
+@click.pass_context
+@handles_errors
+def reconcile_command(ctx: click.Context, as_json: bool) -> None:
+    """Check every balance, key total, rollup and ledger row against the event log; report any difference."""
+    with runtime(ctx) as rt:
+        async def go() -> Reconciliation:
+            await rt.start_projections()
+            assert rt.pool is not None
+            try:
+                return await reconcile(rt.pool)
+            finally:
+                await rt.aclose()
+        result = asyncio.run(go())
+    if as_json:
+        click.echo(json.dumps({"ok": result.ok, "position": result.position, "projects": result.projects,
+                               "usage_entries": result.usage_entries, "differences": result.differences,
+                               "seconds": round(result.elapsed_s, 3)}, indent=2))
+    elif result.ok:
+        click.echo(f"ok: {result.projects} projects and {result.usage_entries} usage entries agree with the log "
+                   f"up to position {result.position}, in {result.elapsed_s:.2f} s")
+    else:
+        for d in result.differences:
+            click.echo(f"DIFFERS {d['check']} {d['key']} {d['field']}: log {d['log']}, read model {d['read_model']}",
+                       err=True)
+    if not result.ok:
+        sys.exit(EXIT_DIFFERS)
