@@ -33,6 +33,7 @@ from edge.portal.admin_catalog import admin_catalog_routes
 from edge.portal.admin_projects import admin_project_routes
 from edge.portal.members import member_routes
 from edge.portal.project_pages import project_routes
+from edge.portal.report_routes import report_routes
 from edge.portal.routes import portal_routes
 from edge.portal.sso import sso_routes
 from edge.portal.usage_page import usage_routes
@@ -101,7 +102,7 @@ def create_app(settings: Settings) -> Litestar:
                                         cache_control=CacheControlHeader(max_age=3600, public=True))
     return Litestar(
         route_handlers=[healthz, metrics, v1, static, *portal_routes, *sso_routes, *project_routes, *member_routes,
-                        *usage_routes, *admin_catalog_routes, *admin_project_routes],
+                        *usage_routes, *admin_catalog_routes, *admin_project_routes, *report_routes],
         state=State({"oidc": _oidc(settings)}),
         lifespan=[lifespan],
         template_config=TemplateConfig(directory=TEMPLATES, engine=JinjaTemplateEngine),

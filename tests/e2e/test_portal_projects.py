@@ -248,6 +248,7 @@ def test_the_usage_page_by_model_and_key_for_a_period(stack: Stack, people: Peop
         assert __import__("time").monotonic() < deadline
     assert page.status_code == 200 and "2 requests" in page.text and "main" in page.text
     assert '"tokens_by_model"' in page.text and 'src="/vendor/plotly.min.js"' in page.text
+    assert '/api/reports/projects/nlp/statement?start=' in page.text and 'format=pdf' in page.text
     assert member.get("/vendor/plotly.min.js").headers["content-type"].startswith("text/javascript")
     empty = member.get("/projects/nlp/usage?start=2020-01-01&end=2020-01-31")
     assert empty.status_code == 200 and "No usage in this period." in empty.text
