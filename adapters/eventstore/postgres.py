@@ -14,8 +14,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from eventsourcing.persistence import StoredEvent
+from eventsourcing.persistence import InterfaceError, OperationalError, StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore, PostgresFactory
+from eventsourcing.utils import retry
 from psycopg import Cursor
 from psycopg.rows import DictRow
 from psycopg.sql import SQL, Composed, Identifier, Literal
@@ -121,6 +122,19 @@ class ClaimingPostgresApplicationRecorder(PostgresApplicationRecorder):
         # store at once (both rewrite pg_proc/pg_trigger rows); one schema lock per database serialises it.
         curs.execute(SQL("SELECT pg_advisory_xact_lock(hashtext('lwapi:eventstore-schema'))"), prepare=False)
         super()._create_table(curs)
+
+    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
+    def insert_events(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
+        """As eventsourcing's, but without psycopg's pipeline mode: with a large event (a batch of a few
+        thousand usage entries, some hundreds of kB) the pipeline's sync deadlocks, the server waiting in
+        ClientRead for bytes the client never flushes (psycopg/psycopg#685), until the lock timeout. The
+        few extra round trips cost microseconds on a batch of entries."""
+        with self.datastore.get_connection() as conn, conn.transaction(), conn.cursor() as curs:
+            self._insert_events(curs, stored_events, **kwargs)
+            if not stored_events:
+                return None
+            self._insert_stored_events(curs, stored_events, **kwargs)
+            return self._fetch_ids_after_insert_events(curs, stored_events, **kwargs)
 
     def _insert_events(self, curs: Cursor[DictRow], stored_events: Sequence[StoredEvent], **kwargs: Any) -> None:
         request_ids: Sequence[str] = kwargs.get(CLAIMS_KWARG) or ()

@@ -85,3 +85,16 @@ def test_two_processes_writing_usage_at_once_never_charge_twice(database_url: st
     assert claims == (recorded, recorded)
     assert shared_claims == (3,)  # exactly one batch carrying the shared ids won
     assert sum(refused for _, refused in results) == 2 * 5 - 1
+
+
+def test_the_largest_batch_allowed_is_recorded_promptly(database_url: str) -> None:
+    """A batch of the most entries allowed, with the longest request ids and model names: once, this hung in
+    psycopg's pipeline mode until the lock timeout."""
+    from domain.usage import ENTRIES_PER_BATCH_MAX, REQUEST_ID_CHARS_MAX  # noqa: PLC0415
+
+    app, project, key_id = _world(database_url)
+    batch = [replace(e, request_id=f"{i:08d}".ljust(REQUEST_ID_CHARS_MAX, "r"), model="m" * 200)
+             for i, e in enumerate(entries(project, key_id, ENTRIES_PER_BATCH_MAX))]
+    started = __import__("time").monotonic()
+    recorded = app.record_usage(uuid.uuid4(), batch)
+    assert recorded.entries == ENTRIES_PER_BATCH_MAX and __import__("time").monotonic() - started < 20
