@@ -149,9 +149,13 @@ class Catalog:
 def build_catalog(dsn: str, *, projects: int = 4, keys_per_project: int = 3) -> Catalog:
     """Users, projects, members, keys and grants (plus a rename, a correction, an edit, a revocation)
     through the Application; also creates the event store's tables."""
+    from datetime import UTC, datetime  # noqa: PLC0415
+
     from domain.access import SYSTEM  # noqa: PLC0415
     from domain.accounting import Accounting  # noqa: PLC0415
     from domain.api_key import KeySettings  # noqa: PLC0415
+    from domain.catalog import BackendKind, Deployment, ModelExists  # noqa: PLC0415
+    from domain.pricing import Prices  # noqa: PLC0415
     from domain.project import Role  # noqa: PLC0415
 
     app = Accounting(env=accounting_env(dsn, create_tables=True), key_pepper=PEPPER)
@@ -160,6 +164,10 @@ def build_catalog(dsn: str, *, projects: int = 4, keys_per_project: int = 3) -> 
         users = keys = 0
         app.register_user("admin@bench.example", "Bench Admin", is_admin=True)
         users += 1
+        for model, deployment, price_in, price_out in MODELS:  # keys may allow only catalogued models
+            with contextlib.suppress(ModelExists):  # several catalogues in one database share the models
+                app.add_model(SYSTEM, model, Deployment(deployment, BackendKind.OPENAI, "http://127.0.0.1:9/v1", model),
+                              Prices(price_in * 1000, price_out * 1000, datetime(2020, 1, 1, tzinfo=UTC)))
         for p in range(projects):
             owner = app.register_user(f"owner{p}@bench.example", f"Owner {p}", subject=f"oidc|owner{p}")
             member = app.register_user(f"member{p}@bench.example", f"Member {p}")
@@ -209,11 +217,12 @@ class EntryMaker:
             prompt = min(int(rng.lognormvariate(6.5, 1.1)) + 1, 120_000)
             cached = prompt // 2 if rng.random() < 0.3 else 0
             completion = 0 if price_out == 0 else min(int(rng.lognormvariate(5.0, 1.2)), 16_000)
-            cost = (prompt * price_in + completion * price_out + 999) // 1000
+            cost = (prompt * price_in + completion * price_out + 999) // 1000  # = the per-million prices below
             started = self.now_ms - rng.randrange(self.hours * HOUR_MS)
             finished = started + rng.randrange(150, 45_000)
             out.append(UsageEntry(str(uuid.uuid4()), project_id, key_id, model, deployment, prompt, cached,
-                                  completion, cost, started, finished, rng.random() < 0.01))
+                                  completion, cost, started, finished, rng.random() < 0.01,
+                                  price_in * 1000, price_out * 1000, price_in * 1000))
         return out
 
 
@@ -231,7 +240,7 @@ class ProducerReport:
 
 
 def producer_main(index: int, dsn: str, pairs: list[tuple[str, str]], batch_entries: int, seed: int,
-                  nice: int, commands: Any, results: Any) -> None:
+                  nice: int, commands: Any, results: Any, hours: int = 6) -> None:
     """A producer process: its own Accounting; runs ("timed", start_at, seconds) or
     ("count", start_at, entries) commands until ("stop",). Times are time.monotonic(), which is
     CLOCK_MONOTONIC and so comparable between processes on Linux."""
@@ -241,7 +250,7 @@ def producer_main(index: int, dsn: str, pairs: list[tuple[str, str]], batch_entr
         from domain.accounting import Accounting  # noqa: PLC0415
 
         app = Accounting(env=accounting_env(dsn, pool_size=1, create_tables=False), key_pepper=PEPPER)
-        maker = EntryMaker(pairs, seed)
+        maker = EntryMaker(pairs, seed, hours)
         results.put(("ready", index, None))
         while True:
             command = commands.get()
@@ -287,14 +296,14 @@ class Producers:
     """`count` producer processes (spawned once, reused by every phase)."""
 
     def __init__(self, count: int, dsn: str, catalog: Catalog, batch_entries: int, seed: int, *,
-                 nice: int = 0) -> None:
+                 nice: int = 0, hours: int = 6) -> None:
         ctx = mp.get_context("spawn")
         self.results: Any = ctx.Queue()
         self.commands: list[Any] = [ctx.Queue() for _ in range(count)]
         self.processes = [
             ctx.Process(target=producer_main, name=f"producer-{i}", daemon=True,
                         args=(i, dsn, catalog.pairs, batch_entries, seed * 1000 + i, nice, self.commands[i],
-                              self.results))
+                              self.results, hours))
             for i in range(count)
         ]
         for process in self.processes:
