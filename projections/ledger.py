@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
-from uuid import UUID
 
 from domain.api_key import ApiKey
 from domain.project import Project
@@ -25,6 +24,8 @@ from domain.usage import ROW_FIELDS, UsageBatch
 from domain.user import User
 from projections.base import SCHEMA, Conn, Logged
 
+# in the order of `domain.usage.ROW_FIELDS`, after the position and the batch; a request id is unique
+# already (the event store's claims), so no index on it: each index slows every rebuild
 USAGE_COLUMNS = (
     "position", "batch_id", "request_id", "project_id", "key_id", "model", "deployment", "tokens_prompt",
     "tokens_prompt_cached", "tokens_completion", "cost_credits", "started_at_ms", "finished_at_ms", "estimated",
@@ -34,21 +35,22 @@ _PADDING = (None,) * 3
 
 
 def _usage_records(logged: Logged) -> list[tuple[Any, ...]]:
+    """The rows as COPY takes them: the stored row as it is (ids stay hex text, which COPY parses), after
+    the position and the batch; a rebuild copies a million of them, so nothing is converted here."""
     e = logged.event
-    position, batch = logged.position, e.originator_id
-    full = len(ROW_FIELDS)
-    return [(position, batch, r[0], UUID(r[1]), UUID(r[2]), *r[3:12],
-             *(r[12:full] if len(r) == full else _PADDING)) for r in e.rows]
+    position, batch, full = logged.position, e.originator_id, len(ROW_FIELDS)
+    return [(position, batch, *r) if len(r) == full else (position, batch, *r, *_PADDING) for r in e.rows]
 
 
 class LedgerProjection:
     name = "ledger"
     tables: tuple[str, ...] = ("ledger_usage", "ledger_credits", "ledger_names")
+    indexes_rebuilt_after: tuple[str, ...] = ("ledger_usage_project_started_idx",)
     ddl = f"""
     CREATE TABLE IF NOT EXISTS {SCHEMA}.ledger_usage (
         position bigint NOT NULL,
         batch_id uuid NOT NULL,
-        request_id text PRIMARY KEY,
+        request_id text NOT NULL,
         project_id uuid NOT NULL,
         key_id uuid NOT NULL,
         model text NOT NULL,
@@ -65,7 +67,6 @@ class LedgerProjection:
         price_cached bigint
     );
     CREATE INDEX IF NOT EXISTS ledger_usage_project_started_idx ON {SCHEMA}.ledger_usage (project_id, started_at_ms);
-    CREATE INDEX IF NOT EXISTS ledger_usage_started_idx ON {SCHEMA}.ledger_usage (started_at_ms);
     CREATE TABLE IF NOT EXISTS {SCHEMA}.ledger_credits (
         position bigint NOT NULL,
         event_id uuid NOT NULL,
