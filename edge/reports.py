@@ -171,8 +171,7 @@ async def statement(pool: asyncpg.Pool, project_code: str, period: Period, as_of
         "as_of": {"position": position, "chain_digest": digest},
         "opening_balance": opening, "granted": granted, "corrected": corrected, "charged": totals["cost"],
         "closing_balance": opening + granted + corrected - totals["cost"],
-        "credits": [{"at": r["at"].astimezone(UTC).isoformat().replace("+00:00", "Z"), "kind": r["kind"],
-                     "amount": r["amount_credits"], "reason": r["reason"],
+        "credits": [{"at": _time(r["at"]), "kind": r["kind"], "amount": r["amount_credits"], "reason": r["reason"],
                      "by": labels.get(r["actor_id"], "system") if r["actor_id"] else "system",
                      "position": r["position"], "event_id": str(r["event_id"])} for r in during],
         "totals": totals,
@@ -268,6 +267,10 @@ async def entries(pool: asyncpg.Pool, project_code: str, period: Period, as_of: 
             if len(rows) < ENTRIES_PAGE_ROWS:
                 return
             after = (rows[-1]["started_at_ms"], rows[-1]["request_id"])
+
+
+def _time(at: datetime) -> str:
+    return at.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _ms_time(ms: int) -> str:
