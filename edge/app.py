@@ -16,11 +16,12 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from litestar import Litestar, Request, Response, asgi, get
 from litestar.config.csrf import CSRFConfig
 from litestar.contrib.jinja import JinjaTemplateEngine
-from litestar.datastructures import CacheControlHeader, State
+from litestar.datastructures import CacheControlHeader, ResponseHeader, State
 from litestar.enums import ScopeType
 from litestar.middleware.session.client_side import CookieBackendConfig
 from litestar.static_files import create_static_files_router
@@ -112,9 +113,30 @@ def create_app(settings: Settings) -> Litestar:
         csrf_config=CSRFConfig(secret=_derived(master, "portal-csrf").hex(), exclude=["/v1", "/healthz"],
                                cookie_httponly=True, cookie_samesite="lax", cookie_secure=secure),
         exception_handlers={500: _internal_error},
-        response_headers=[],
+        response_headers=security_headers(settings),
         debug=False,
     )
+
+
+def security_headers(settings: Settings) -> list[ResponseHeader]:
+    """What every page and API answer carries, so a browser runs nothing and frames nothing but our own.
+
+    Styles allow inline (the templates' few style attributes, and Plotly's generated ones); scripts only
+    from this service. Forms may also lead to the SSO provider (login and logout redirect there).
+    """
+    form_action = "'self'"
+    if settings.oidc_issuer:
+        issuer = urlsplit(settings.oidc_issuer)
+        form_action += f" {issuer.scheme}://{issuer.netloc}"
+    policy = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+              "font-src 'self' data:; connect-src 'self'; object-src 'none'; base-uri 'self'; "
+              f"form-action {form_action}; frame-ancestors 'none'")
+    return [ResponseHeader(name="Content-Security-Policy", value=policy),
+            ResponseHeader(name="X-Content-Type-Options", value="nosniff"),
+            ResponseHeader(name="X-Frame-Options", value="DENY"),
+            ResponseHeader(name="Referrer-Policy", value="same-origin"),
+            ResponseHeader(name="Permissions-Policy", value="camera=(), microphone=(), geolocation=(), payment=()"),
+            ResponseHeader(name="Cross-Origin-Opener-Policy", value="same-origin")]
 
 
 def _internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[str]:

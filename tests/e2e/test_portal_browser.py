@@ -48,6 +48,14 @@ def log_in(page: Page, stack: Stack, email: str, password: str = PASSWORD) -> No
     page.wait_for_url(portal_url(stack) + "/")
 
 
+def refusals_of(page: Page) -> list[str]:
+    """What the browser refused to run or load on this page (the content security policy), and script errors."""
+    seen: list[str] = []
+    page.on("console", lambda m: seen.append(m.text) if "Content Security Policy" in m.text else None)
+    page.on("pageerror", lambda e: seen.append(str(e)))
+    return seen
+
+
 def wait_for(condition, timeout_s: float = 5.0) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -59,6 +67,7 @@ def test_key_lifecycle_in_the_browser_with_the_gateway(stack: Stack, browser: Br
     stack.app.set_password_hash(stack.user_id, hash_password(PASSWORD))
     context = browser.new_context(locale="en-US", color_scheme="light")
     page = context.new_page()
+    refused_by_browser = refusals_of(page)
     try:
         log_in(page, stack, "researcher@uni.edu")
         page.click("text=Go to project")
@@ -103,6 +112,7 @@ def test_key_lifecycle_in_the_browser_with_the_gateway(stack: Stack, browser: Br
                 return True
             return False
         wait_for(refused)
+        assert refused_by_browser == []  # the pages, Plotly included, run under the content security policy
     finally:
         context.close()
 
@@ -111,6 +121,7 @@ def test_theme_and_language_switches_are_remembered(stack: Stack, browser: Brows
     stack.app.set_password_hash(stack.user_id, hash_password(PASSWORD))
     context = browser.new_context(locale="zh-TW", color_scheme="dark")
     page = context.new_page()
+    refused_by_browser = refusals_of(page)
     try:
         log_in(page, stack, "researcher@uni.edu")
         html = page.locator("html")
@@ -147,6 +158,7 @@ def test_theme_and_language_switches_are_remembered(stack: Stack, browser: Brows
         page.click("details.menu >> text=Log out")
         page.wait_for_url(portal_url(stack) + "/login")
         screenshot(page, SHOTS / "login-en-dark.png")
+        assert refused_by_browser == []  # theme and language switches run under the content security policy
     finally:
         context.close()
 

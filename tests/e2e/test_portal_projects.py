@@ -168,6 +168,16 @@ def test_bad_key_input_is_explained_in_the_persons_language_and_nothing_is_saved
     assert len(stack.app.keys_of_project(SYSTEM, stack.project_id)) == before
 
 
+def test_pages_carry_the_security_headers(stack: Stack, browser_of) -> None:  # type: ignore[no-untyped-def]
+    member = browser_of("member@uni.edu")
+    for path in ("/login", "/projects/nlp", "/api/reports/projects/nlp/statement"):
+        headers = member.get(path).headers
+        policy = headers["content-security-policy"]
+        assert "script-src 'self';" in policy and "frame-ancestors 'none'" in policy and "object-src 'none'" in policy
+        assert headers["x-content-type-options"] == "nosniff" and headers["x-frame-options"] == "DENY"
+        assert headers["referrer-policy"] == "same-origin"
+
+
 def test_forms_without_a_csrf_token_are_refused(stack: Stack, browser_of) -> None:  # type: ignore[no-untyped-def]
     member = browser_of("member@uni.edu")
     assert member.post("/projects/nlp/keys", data={"name": "no-token"}).status_code == 403
