@@ -37,6 +37,7 @@ from edge.gateway.metrics import Metrics
 from edge.gateway.relay import relay_stream
 from edge.gateway.sse import rename_model
 from edge.gateway.validation import check_payload
+from edge.throttle import FailureThrottle, Policy
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -56,6 +57,10 @@ _KEY_STATUS_MESSAGES = {
     KeyStatus.EXPIRED: ("This API key has expired.", "key_expired"),
     KeyStatus.NOT_YET_VALID: ("This API key is not valid yet.", "key_not_yet_valid"),
 }
+
+# An address that sends 30 unknown keys within a minute waits 10 s, doubling per further one up to 5
+# minutes. Keys are 256 random bits, so this guards the logs and the CPU more than the keys.
+BAD_KEY_POLICY = Policy(free_failures=30, window_s=60.0, first_lock_s=10.0, lock_max_s=300.0)
 
 
 @dataclass
@@ -78,6 +83,7 @@ class Gateway:
                  client: Http1Client, pepper: bytes, metrics: Metrics) -> None:
         self.index, self.catalog, self.admission, self.spool = index, catalog, admission, spool
         self.client, self.pepper, self.metrics = client, pepper, metrics
+        self.bad_keys = FailureThrottle(BAD_KEY_POLICY)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -120,9 +126,16 @@ class Gateway:
         header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
         if not header[:7].lower() == b"bearer ":
             raise errors.unauthorized(_NO_KEY, code=None)
+        address = (scope.get("client") or ("",))[0]
+        if wait_s := self.bad_keys.wait_s(address):
+            # refused before the key is looked at: while locked, a guess learns nothing, right or wrong
+            raise GatewayError(429, f"Too many requests with invalid API keys from this address. Please try again "
+                                    f"in {wait_s}s.", "requests", "too_many_invalid_keys",
+                               headers={"retry-after": str(wait_s)})
         secret = header[7:].strip().decode("latin-1")
         key = self.index.find(hash_secret(secret, self.pepper)) if looks_like_secret(secret) else None
         if key is None:
+            self.bad_keys.failed(address)
             raise errors.unauthorized(_BAD_KEY)
         status = key.status(datetime.now(UTC))
         if status in _KEY_STATUS_MESSAGES:

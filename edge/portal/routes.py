@@ -20,7 +20,7 @@ from edge import queries
 from edge.portal.context import AnyRequest, current_user, pool_of, render, runtime_of, translator
 from edge.portal.i18n import COOKIE, LANGUAGES
 from edge.portal.sso import oidc_of, provider_logout_url
-from edge.portal.throttle import LoginThrottle
+from edge.throttle import LoginThrottle
 
 FORM = Body(media_type=RequestEncodingType.URL_ENCODED)
 LOGIN_FIELD_CHARS_MAX = 1024

@@ -407,3 +407,21 @@ def test_every_response_carries_the_request_id_of_its_usage_entry(stack: Stack, 
         with psycopg.connect(database_url) as conn:
             return {r[0] for r in conn.execute("SELECT request_id FROM usage_request_claims")}
     wait_for(lambda: {ids[0], ids[1]} <= claimed())
+
+
+def test_an_address_sending_many_unknown_keys_is_throttled(stack: Stack) -> None:
+    from edge.gateway.proxy import BAD_KEY_POLICY  # noqa: PLC0415
+
+    with httpx.Client(base_url=stack.base_url, timeout=10) as http:
+        def models(secret: str) -> httpx.Response:
+            return http.get("/models", headers={"authorization": f"Bearer {secret}"})
+
+        for i in range(BAD_KEY_POLICY.free_failures - 1):
+            assert models(f"sk-lw-guess{i:04d}" + "x" * 40).status_code == 401
+        assert models(stack.secret).status_code == 200  # a revoked or good key is no guess
+        assert models("sk-lw-one-more-guess" + "x" * 40).status_code == 401  # this one reaches the limit
+        locked = models(stack.secret)  # now even a right key learns nothing from this address
+        assert locked.status_code == 429 and locked.json()["error"]["code"] == "too_many_invalid_keys"
+        assert 1 <= int(locked.headers["retry-after"]) <= BAD_KEY_POLICY.first_lock_s
+        with pytest.raises(openai.RateLimitError, match="invalid API keys"):
+            client(stack).models.list()

@@ -12,7 +12,7 @@ import pytest
 
 from domain.errors import DomainError, InvalidValue, PermissionDenied
 from edge.portal.i18n import LANGUAGES, Translator, catalog, negotiate
-from edge.portal.throttle import FIRST_LOCK_S, FREE_FAILURES, LOCK_MAX_S, WINDOW_S, LoginThrottle
+from edge.throttle import FIRST_LOCK_S, FREE_FAILURES, LOCK_MAX_S, WINDOW_S, LoginThrottle
 
 ROOT = Path(__file__).parents[2]
 TEMPLATES = ROOT / "edge" / "portal" / "templates"
