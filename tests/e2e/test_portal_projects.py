@@ -176,6 +176,13 @@ def test_pages_carry_the_security_headers(stack: Stack, browser_of) -> None:  # 
         assert "script-src 'self';" in policy and "frame-ancestors 'none'" in policy and "object-src 'none'" in policy
         assert headers["x-content-type-options"] == "nosniff" and headers["x-frame-options"] == "DENY"
         assert headers["referrer-policy"] == "same-origin"
+    with httpx.Client(base_url=stack.base_url.removesuffix("/v1"), follow_redirects=False, timeout=30) as fresh:
+        fresh.get("/login")
+        before = fresh.cookies.get("lwapi_session")
+        logged_in = login(fresh, "member@uni.edu", PASSWORD)
+        session = next(c for c in logged_in.headers.get_list("set-cookie") if c.startswith("lwapi_session="))
+        assert "httponly" in session.lower() and "samesite=lax" in session.lower() and "path=/" in session.lower()
+        assert fresh.cookies.get("lwapi_session") not in (None, before)  # a new session at login
 
 
 def test_forms_without_a_csrf_token_are_refused(stack: Stack, browser_of) -> None:  # type: ignore[no-untyped-def]
