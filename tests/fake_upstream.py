@@ -3,7 +3,8 @@
 Run: `python -m tests.fake_upstream --port 9100 [--no-usage]`. Extra request fields steer it:
 `fake_tokens` (completion tokens, default 8, capped by max_tokens), `fake_delay_ms` (per token),
 `fake_fail`: "500" (error before any byte), "400" (a refusal), "cut" (stream breaks off midway),
-"no_done" (stream ends without [DONE]), "hang" (headers, then silence), "malformed" (bad JSON),
+"no_done" (stream ends without [DONE]), "hang" (headers, then silence), "malformed" (bad JSON), "bad_utf8"
+(a body, or one stream event, that is not UTF-8),
 "slow_headers" (sleeps before answering). `--no-usage` ignores include_usage, like llama.cpp's server.
 """
 
@@ -79,6 +80,9 @@ async def _complete(send: Any, request: dict[str, Any], *, chat: bool) -> None:
         if fail == "malformed":
             await _raw(send, 200, b'{"id": "x", "choices": [', "application/json")
             return
+        if fail == "bad_utf8":
+            await _raw(send, 200, b'{"id": "\xff\xfe", "choices": []}', "application/json")
+            return
         await asyncio.sleep(delay * tokens)
         text = "tok " * tokens
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
@@ -101,6 +105,9 @@ async def _complete(send: Any, request: dict[str, Any], *, chat: bool) -> None:
         choice = {"index": 0, "delta": delta, "finish_reason": None, "logprobs": None} if chat else \
             {"index": 0, "text": "tok ", "finish_reason": None, "logprobs": None}
         await _event(send, {**base, "object": kind, "choices": [choice]})
+        if fail == "bad_utf8" and i == 0:
+            await send({"type": "http.response.body", "body": b'data: {"id": "\xff", "choices": [{"delta": '
+                        b'{"content": "\xfe"}}]}\n\n', "more_body": True})
     last = {"index": 0, "delta": {}, "finish_reason": finish, "logprobs": None} if chat else \
         {"index": 0, "text": "", "finish_reason": finish, "logprobs": None}
     await _event(send, {**base, "object": kind, "choices": [last]})

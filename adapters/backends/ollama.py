@@ -96,7 +96,7 @@ def _arguments(value: Any) -> Any:
     if isinstance(value, str):
         try:
             return _decode(value)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, UnicodeDecodeError):
             return value
     return value
 

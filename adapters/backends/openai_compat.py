@@ -65,7 +65,7 @@ def error_message(status: int, body: bytes) -> str:
     """The upstream's own message for a refusal (OpenAI's shape or plain text), bounded."""
     try:
         decoded = msgspec.json.decode(body[:65_536])
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):
         text = body[:500].decode("utf-8", "replace").strip()
         return text or f"upstream answered {status}"
     if isinstance(decoded, dict):

@@ -214,7 +214,7 @@ async def _post_json(client: Http1Client, url: str, body: dict[str, Any],
         raise CountFailed(f"{url} answered {response.status_code}")
     try:
         return _decoder.decode(b"".join(chunks))
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):
         raise CountFailed(f"{url} answered with malformed JSON") from None
 
 

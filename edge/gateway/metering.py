@@ -84,7 +84,7 @@ def collect_text(outcome: Outcome, data: bytes | str) -> None:
         return
     try:
         body = _body_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
         return
     for choice in body.choices or ():
         if choice.text:

@@ -244,7 +244,7 @@ class Gateway:
             await response.aclose()
         try:
             decoded = _decoder.decode(data)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, UnicodeDecodeError):
             raise errors.upstream_failed(502, "The model's backend sent a malformed response.") from None
         usage = decoded.get("usage") if isinstance(decoded, dict) else None
         outcome = Outcome(usage if isinstance(usage, dict) else None, content_events=1)
@@ -338,7 +338,9 @@ async def read_body(scope: Scope, receive: Receive) -> bytes:
 def parse_payload(body: bytes, endpoint: str) -> dict[str, Any]:
     try:
         payload = _decoder.decode(body)
-    except msgspec.DecodeError:
+    except RecursionError:
+        raise errors.bad_request("The JSON body of your request is nested too deeply.") from None
+    except (msgspec.DecodeError, UnicodeDecodeError):  # msgspec raises the latter for bad UTF-8 inside a string
         raise errors.bad_request("We could not parse the JSON body of your request. (HINT: This likely means "
                                  "you aren't using your HTTP library correctly.)") from None
     return check_payload(payload, endpoint)

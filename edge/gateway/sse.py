@@ -86,7 +86,7 @@ def inspect(state: StreamState, event: bytes) -> bool:
 def _read_head(state: StreamState, event: bytes) -> None:
     try:
         head = _head_decoder.decode(event.partition(b"data:")[2])
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
         return
     state.stream_id = head.id or ""
     state.stream_object = head.object or state.stream_object
@@ -98,7 +98,7 @@ def _payload(event: bytes) -> Any:
         if line.startswith(b"data:"):
             try:
                 return _decoder.decode(line[5:].strip())
-            except msgspec.DecodeError:
+            except (msgspec.DecodeError, UnicodeDecodeError):
                 return None
     return None
 

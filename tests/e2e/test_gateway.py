@@ -302,6 +302,20 @@ def test_malformed_upstream_json_is_502(stack: Stack) -> None:
     assert raised.value.status_code == 502
 
 
+def test_an_upstream_answering_in_invalid_utf8_is_a_clean_error_or_relayed(stack: Stack, database_url: str) -> None:
+    with pytest.raises(openai.InternalServerError) as raised:
+        client(stack).chat.completions.create(model="llama", messages=[{"role": "user", "content": "x"}],
+                                              extra_body={"fake_fail": "bad_utf8"})
+    assert raised.value.status_code == 502
+    with httpx.stream("POST", stack.base_url + "/chat/completions", timeout=30,
+                      headers={"authorization": f"Bearer {stack.secret}"},
+                      json={"model": "llama", "messages": [{"role": "user", "content": "x"}], "stream": True,
+                            "fake_fail": "bad_utf8"}) as streamed:
+        raw = b"".join(streamed.iter_bytes())
+    assert streamed.status_code == 200 and raw.rstrip().endswith(b"data: [DONE]")  # relayed as it came
+    wait_for(lambda: charged(stack, database_url)[0] == 1)  # the stream was metered, the refusal was not
+
+
 def test_responses_match_openai_shapes(stack: Stack) -> None:
     auth = {"Authorization": f"Bearer {stack.secret}"}
     body = {"model": "llama", "messages": [{"role": "user", "content": "x"}]}
