@@ -272,3 +272,16 @@ def test_the_usage_page_by_model_and_key_for_a_period(stack: Stack, people: Peop
     bad = member.get("/projects/nlp/usage?start=2021-05-01&end=2020-01-01")
     assert bad.status_code == 200 and "That period is not valid" in bad.text and "2 requests" in bad.text
     assert browser_of("outsider@uni.edu").get("/projects/nlp/usage").status_code == 404
+
+
+def test_hostile_names_are_shown_as_text_never_run(stack: Stack, people: People, browser_of) -> None:  # type: ignore[no-untyped-def]
+    hostile = '<script>alert(1)</script><img src=x onerror=alert(2)>"\'&'
+    manager = browser_of("manager@uni.edu")
+    assert post(manager, "/projects/nlp/keys", {"name": hostile}).status_code == 201
+    stack.app.rename_project(SYSTEM, stack.project_id, hostile)
+    stack.app.update_profile(people.member, display_name=hostile, email="member@uni.edu")
+    deadline = __import__("time").monotonic() + 5
+    for path in ("/projects/nlp/keys", "/projects/nlp", "/projects/nlp/members", "/"):
+        while "&lt;script&gt;alert(1)&lt;/script&gt;" not in (page := manager.get(path)).text:  # shown, escaped
+            assert __import__("time").monotonic() < deadline, path
+        assert "<script>alert(1)" not in page.text and "<img src=x" not in page.text, path
