@@ -21,6 +21,7 @@ from domain.access import SYSTEM
 from domain.errors import InvalidValue
 from edge.app import announce_admin, create_app, with_gateway_in_front
 from edge.catalog_file import apply_catalog_file
+from edge.http_protocol import DeadlineHttpToolsProtocol
 from edge.runtime import Runtime, ensure_first_admin
 from edge.settings import Settings
 
@@ -45,7 +46,7 @@ def run(settings: Settings, workers: int = 1) -> None:
         asyncio.run(_prepare(settings))
         options = {"host": settings.host, "port": settings.port, "log_level": "info", "access_log": False,
                    "timeout_graceful_shutdown": SHUTDOWN_GRACE_S, "proxy_headers": False, "server_header": False,
-                   "loop": "uvloop", "http": "httptools"}
+                   "loop": "uvloop", "http": DeadlineHttpToolsProtocol}
         if workers == 1:
             uvicorn.run(with_gateway_in_front(create_app(settings)), **options)  # type: ignore[arg-type]
         else:

@@ -56,6 +56,8 @@ class Settings:
     """The portal's address as people reach it (LWAPI_PUBLIC_URL), for the SSO redirect; default: as requested."""
     no_project_text: str | None = None
     """What a person without a project reads, e.g. whom to ask (LWAPI_NO_PROJECT_TEXT)."""
+    request_timeout_s: float = 30.0
+    """Seconds a client may take to send a whole request, headers and body (LWAPI_REQUEST_TIMEOUT_S)."""
     audit_key_file: Path | None = None
     """Ed25519 key that signs exported chain heads (LWAPI_AUDIT_KEY_FILE); unset means `data_dir/audit_key`."""
 
@@ -86,6 +88,7 @@ class Settings:
             public_url=(e.get("LWAPI_PUBLIC_URL") or "").rstrip("/") or None,
             no_project_text=e.get("LWAPI_NO_PROJECT_TEXT") or None,
             audit_key_file=Path(e["LWAPI_AUDIT_KEY_FILE"]).absolute() if e.get("LWAPI_AUDIT_KEY_FILE") else None,
+            request_timeout_s=float(_int(e, "LWAPI_REQUEST_TIMEOUT_S", 30, 1, 3600)),
         )
 
     def as_env(self) -> dict[str, str]:
@@ -93,6 +96,7 @@ class Settings:
         env = {"LWAPI_DATA_DIR": str(self.data_dir), "LWAPI_HOST": self.host, "LWAPI_PORT": str(self.port),
                "LWAPI_DB_POOL_SIZE": str(self.db_pool_size), "LWAPI_DB_TIMEOUT_S": str(int(self.db_timeout_s)),
                "LWAPI_HEALTH_INTERVAL_S": str(int(self.health_interval_s)),
+               "LWAPI_REQUEST_TIMEOUT_S": str(int(self.request_timeout_s)),
                "LWAPI_SECURE_COOKIES": "1" if self.secure_cookies else ""}
         optional = {"DATABASE_URL": self.database_url, "LWAPI_KEY_PEPPER": self.key_pepper_hex,
                     "LWAPI_ADMIN_EMAIL": self.admin_email, "LWAPI_ADMIN_PASSWORD": self.admin_password,
