@@ -126,3 +126,43 @@ def test_several_workers_without_redis_are_refused(database_url: str) -> None:
     done = subprocess.run([sys.executable, "-m", "edge.cli", "serve", "--workers", "2"], env=env,
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 1 and "LWAPI_REDIS_URL" in done.stderr
+
+
+def test_redis_stopped_and_restarted_under_traffic(stack: Stack, database_url: str) -> None:
+    """Redis goes away mid-traffic: requests go on (admitted per process), and when a fresh, empty Redis comes
+    back on the same address, admission is shared again, every request metered once."""
+    import redis  # noqa: PLC0415
+
+    from tests.conftest import _free_port, _wait_port  # noqa: PLC0415
+
+    port, folder = _free_port(), Path(tempfile.mkdtemp(prefix="lwapi-redis.", dir="/tmp"))
+
+    def start_redis() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind",
+                                 "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(folder)],
+                                stdout=subprocess.DEVNULL)
+        _wait_port(port)
+        return proc
+
+    url = f"redis://127.0.0.1:{port}/0"
+    stop_service(stack.service)
+    redis_proc = start_redis()
+    service, base = start_service(database_url, Path(tempfile.mkdtemp(prefix="lwapi-gw.", dir="/tmp")),
+                                  {"LWAPI_REDIS_URL": url})
+    try:
+        wait_for(lambda: _ready(base, stack.secret), 3)
+        assert asyncio.run(_burst([base], stack.secret, 5)) == ["ok"] * 5
+        assert redis.Redis.from_url(url).keys("lwapi:*")  # the shared state is in Redis
+        redis_proc.terminate()
+        redis_proc.wait(timeout=10)
+        assert asyncio.run(_burst([base], stack.secret, 5)) == ["ok"] * 5  # per process meanwhile
+        redis_proc = start_redis()  # empty: everything it held is gone
+        assert asyncio.run(_burst([base], stack.secret, 5)) == ["ok"] * 5
+        wait_for(lambda: bool(redis.Redis.from_url(url).keys("lwapi:*")), 5)  # shared again
+        with psycopg.connect(database_url) as conn:
+            wait_for(lambda: conn.execute("SELECT count(*) FROM usage_request_claims").fetchone() == (15,), 10)
+    finally:
+        stop_service(service)
+        redis_proc.terminate()
+        redis_proc.wait(timeout=10)
+        shutil.rmtree(folder, ignore_errors=True)
