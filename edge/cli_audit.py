@@ -22,7 +22,7 @@ from adapters.audit_log import chain_head, verify_log
 from adapters.audit_signing import HeadInvalid, export_head, fingerprint, load_or_create_key, read_head
 from adapters.database import create_pool
 from domain.audit import Head
-from edge.cli_support import handles_errors, json_option, runtime
+from edge.cli_support import handles_errors, json_option, read, runtime
 from projections.reconcile import Reconciliation, reconcile
 
 T = TypeVar("T")
@@ -109,14 +109,7 @@ def head(ctx: click.Context, out: Path | None) -> None:
 def reconcile_command(ctx: click.Context, as_json: bool) -> None:
     """Check every balance, key total, rollup and ledger row against the event log; report any difference."""
     with runtime(ctx) as rt:
-        async def go() -> Reconciliation:
-            await rt.start_projections()
-            assert rt.pool is not None
-            try:
-                return await reconcile(rt.pool)
-            finally:
-                await rt.aclose()
-        result = asyncio.run(go())
+        result: Reconciliation = read(rt, reconcile)
     if as_json:
         click.echo(json.dumps({"ok": result.ok, "position": result.position, "projects": result.projects,
                                "usage_entries": result.usage_entries, "differences": result.differences,

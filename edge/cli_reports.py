@@ -5,7 +5,6 @@ Imports: everything inward. Reports go to stdout (or `--out`), as JSON, CSV or (
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -16,7 +15,7 @@ import click
 
 from adapters.statement_pdf import StatementFontMissing, render_statement_pdf
 from edge import reports
-from edge.cli_support import handles_errors, parse_uuid, runtime
+from edge.cli_support import handles_errors, parse_uuid, read, runtime
 from edge.portal.i18n import LANGUAGES, Translator
 
 T = TypeVar("T")
@@ -25,14 +24,8 @@ T = TypeVar("T")
 def _read(ctx: click.Context, work: Callable[[asyncpg.Pool], Awaitable[T]]) -> T:
     """Bring the read models up to date, then run `work` on their pool."""
     with runtime(ctx) as rt:
-        async def go() -> T:
-            await rt.start_projections()
-            assert rt.pool is not None
-            try:
-                return await work(rt.pool)
-            finally:
-                await rt.aclose()
-        return asyncio.run(go())
+        result: T = read(rt, work)
+        return result
 
 
 def _write(data: bytes, out: Path | None) -> None:
