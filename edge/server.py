@@ -25,7 +25,6 @@ from edge.http_protocol import DeadlineHttpToolsProtocol
 from edge.runtime import Runtime, ensure_first_admin
 from edge.settings import Settings
 
-SHUTDOWN_GRACE_S = 15
 WORKERS_MAX = 64
 
 
@@ -45,8 +44,8 @@ def run(settings: Settings, workers: int = 1) -> None:
     try:
         asyncio.run(_prepare(settings))
         options = {"host": settings.host, "port": settings.port, "log_level": "info", "access_log": False,
-                   "timeout_graceful_shutdown": SHUTDOWN_GRACE_S, "proxy_headers": False, "server_header": False,
-                   "loop": "uvloop", "http": DeadlineHttpToolsProtocol}
+                   "timeout_graceful_shutdown": settings.shutdown_grace_s, "proxy_headers": False,
+                   "server_header": False, "loop": "uvloop", "http": DeadlineHttpToolsProtocol}
         if workers == 1:
             uvicorn.run(with_gateway_in_front(create_app(settings)), **options)  # type: ignore[arg-type]
         else:

@@ -58,6 +58,8 @@ class Settings:
     """What a person without a project reads, e.g. whom to ask (LWAPI_NO_PROJECT_TEXT)."""
     request_timeout_s: float = 30.0
     """Seconds a client may take to send a whole request, headers and body (LWAPI_REQUEST_TIMEOUT_S)."""
+    shutdown_grace_s: float = 15.0
+    """On SIGTERM, seconds open requests get to finish before their streams are cut (LWAPI_SHUTDOWN_GRACE_S)."""
     audit_key_file: Path | None = None
     """Ed25519 key that signs exported chain heads (LWAPI_AUDIT_KEY_FILE); unset means `data_dir/audit_key`."""
 
@@ -89,6 +91,7 @@ class Settings:
             no_project_text=e.get("LWAPI_NO_PROJECT_TEXT") or None,
             audit_key_file=Path(e["LWAPI_AUDIT_KEY_FILE"]).absolute() if e.get("LWAPI_AUDIT_KEY_FILE") else None,
             request_timeout_s=float(_int(e, "LWAPI_REQUEST_TIMEOUT_S", 30, 1, 3600)),
+            shutdown_grace_s=float(_int(e, "LWAPI_SHUTDOWN_GRACE_S", 15, 1, 3600)),
         )
 
     def as_env(self) -> dict[str, str]:
@@ -97,6 +100,7 @@ class Settings:
                "LWAPI_DB_POOL_SIZE": str(self.db_pool_size), "LWAPI_DB_TIMEOUT_S": str(int(self.db_timeout_s)),
                "LWAPI_HEALTH_INTERVAL_S": str(int(self.health_interval_s)),
                "LWAPI_REQUEST_TIMEOUT_S": str(int(self.request_timeout_s)),
+               "LWAPI_SHUTDOWN_GRACE_S": str(int(self.shutdown_grace_s)),
                "LWAPI_SECURE_COOKIES": "1" if self.secure_cookies else ""}
         optional = {"DATABASE_URL": self.database_url, "LWAPI_KEY_PEPPER": self.key_pepper_hex,
                     "LWAPI_ADMIN_EMAIL": self.admin_email, "LWAPI_ADMIN_PASSWORD": self.admin_password,

@@ -52,3 +52,8 @@ def upstream_timeout() -> GatewayError:
 
 def upstream_failed(status: int = 502, message: str = "The model's backend failed.") -> GatewayError:
     return GatewayError(status, message, "server_error", "upstream_error")
+
+
+def shutting_down() -> GatewayError:
+    return GatewayError(503, "The service is shutting down and cut this stream; what it generated is charged.",
+                        "server_error", "service_shutting_down")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -35,7 +36,7 @@ from edge.gateway.key_index import KeyIndex, KeyRecord
 from edge.gateway.metering import Outcome, collect_text, counter_for, estimate, measure, usage_object
 from edge.gateway.metrics import Metrics
 from edge.gateway.relay import relay_stream
-from edge.gateway.sse import rename_model
+from edge.gateway.sse import StreamState, rename_model
 from edge.gateway.validation import check_payload
 from edge.throttle import FailureThrottle, Policy
 
@@ -43,6 +44,7 @@ Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
+log = logging.getLogger(__name__)
 BODY_BYTES_MAX = 16 * 1024 * 1024
 RESPONSE_BYTES_MAX = 64 * 1024 * 1024
 DEFAULT_COMPLETION_TOKENS = 4096  # reserved when a request sets no max_tokens (documented bound)
@@ -84,6 +86,8 @@ class Gateway:
         self.index, self.catalog, self.admission, self.spool = index, catalog, admission, spool
         self.client, self.pepper, self.metrics = client, pepper, metrics
         self.bad_keys = FailureThrottle(BAD_KEY_POLICY)
+        self.calls_open = 0  # admitted and not yet metered: shutdown waits for these before the spool stops
+        self._none_open = asyncio.Event()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -103,6 +107,10 @@ class Gateway:
             await self._dispatch(scope, receive, send_seen, request_id, path)
         except GatewayError as e:
             await respond(send_seen, e.status, e.body(), request_id, e.headers)
+        except asyncio.CancelledError:
+            # the server cancels what is still open when the shutdown grace period ends; the request is
+            # metered and its client told by now, so this is the request's end, not a fault to trace
+            log.warning("request %s cut at shutdown", request_id)
         finally:
             self.metrics.observe(ENDPOINTS.get(path, "other"), scope["lwapi.model"], status,
                                  time.perf_counter() - started)
@@ -183,14 +191,29 @@ class Gateway:
                                       completion_max)
         call = Call(request_id, endpoint, payload, model, ticket, started, prompt_estimate)
         outcome = Outcome()
+        self.calls_open += 1
+        self._none_open.clear()
         try:
             response = await self._open_upstream(call)
             if payload.get("stream") is True:
-                outcome = await relay_stream(call, response, receive, send, ticket.headers)
+                outcome = StreamState()
+                await relay_stream(call, response, receive, send, ticket.headers, outcome)
             else:
                 outcome = await self._relay_whole(call, response, send)
         finally:
-            await self._finish(call, outcome)
+            try:
+                await self._finish(call, outcome)
+            finally:
+                self.calls_open -= 1
+                if not self.calls_open:
+                    self._none_open.set()
+
+    async def drained(self, timeout_s: float) -> bool:
+        """Wait until every admitted request is metered (cut streams finish metering after a cancel)."""
+        if self.calls_open:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._none_open.wait(), timeout_s)
+        return not self.calls_open
 
     async def _open_upstream(self, call: Call) -> UpstreamResponse:
         """Send to the least busy deployment; on failure before any byte, try the next one."""

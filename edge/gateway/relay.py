@@ -18,7 +18,7 @@ import msgspec
 
 from adapters.backends.http1 import UpstreamResponse
 from edge.gateway import errors
-from edge.gateway.metering import Outcome, measure, usage_object
+from edge.gateway.metering import measure, usage_object
 from edge.gateway.sse import Renamer, StreamState, StreamTooLarge, inspect, split_events
 
 if TYPE_CHECKING:
@@ -26,9 +26,9 @@ if TYPE_CHECKING:
 
 
 async def relay_stream(call: Call, response: UpstreamResponse, receive: Receive, send: Send,
-                       headers: dict[str, str]) -> Outcome:
-    """Relay until the upstream ends or the client leaves; returns what passed."""
-    state = StreamState()
+                       headers: dict[str, str], state: StreamState) -> None:
+    """Relay until the upstream ends or the client leaves; `state` holds what passed, also when the
+    relay is cancelled (a shutdown past its grace period), so that the caller still meters it."""
     raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                    (b"x-request-id", call.request_id.encode())]
     raw_headers += [(k.encode(), v.encode()) for k, v in headers.items()]
@@ -37,6 +37,12 @@ async def relay_stream(call: Call, response: UpstreamResponse, receive: Receive,
     gone = asyncio.ensure_future(_client_gone(receive))
     try:
         await asyncio.wait({relay, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        if not relay.done():  # the response is still open: end it with an error event, not a bare cut
+            with contextlib.suppress(Exception):
+                await send({"type": "http.response.body", "body": errors.shutting_down().sse_event(),
+                            "more_body": False})
+        raise
     finally:
         for task in (relay, gone):
             task.cancel()
@@ -45,7 +51,6 @@ async def relay_stream(call: Call, response: UpstreamResponse, receive: Receive,
         await response.aclose()
     if relay.done() and not relay.cancelled() and relay.exception() is not None:
         raise relay.exception()  # type: ignore[misc]
-    return state
 
 
 async def _pump(call: Call, response: UpstreamResponse, send: Send, state: StreamState) -> None:

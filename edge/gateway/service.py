@@ -26,6 +26,7 @@ from edge.runtime import Runtime
 log = logging.getLogger(__name__)
 SPOOL_FOLDER = "spool"
 STOP_TIMEOUT_S = 30.0
+DRAIN_TIMEOUT_S = 5.0  # streams cut at the end of the grace period need a moment to write their usage
 REDIS_TIMEOUT_S = 0.5  # a slow Redis must not stall requests: past this, admission falls back locally
 
 
@@ -66,6 +67,8 @@ async def running_gateway(runtime: Runtime) -> AsyncIterator[Gateway]:
     try:
         yield gateway
     finally:
+        if not await gateway.drained(DRAIN_TIMEOUT_S):
+            log.error("gateway: %d requests were still open at shutdown and are not metered", gateway.calls_open)
         spool_stop.set()  # last: every finished request's usage goes to the log before we stop
         stop.set()
         done, pending = await asyncio.wait(tasks, timeout=STOP_TIMEOUT_S)

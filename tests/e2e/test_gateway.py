@@ -21,7 +21,7 @@ from domain.access import SYSTEM
 from domain.api_key import KeySettings
 from domain.catalog import BackendKind, Deployment
 from domain.pricing import Prices
-from tests.e2e.conftest import Stack, free_port, wait_http
+from tests.e2e.conftest import Stack, free_port, start_service, stop_service, wait_http
 from tests.e2e.openai_shapes import CHAT_CHUNK, CHAT_COMPLETION, EMBEDDINGS, ERROR, MODEL, MODEL_LIST, validate
 
 
@@ -270,6 +270,37 @@ def test_sigterm_lets_open_streams_finish_and_flushes_their_usage(stack: Stack, 
     with psycopg.connect(database_url) as conn:
         claims = conn.execute("SELECT count(*) FROM usage_request_claims").fetchone()
     assert claims == (1,)  # the spool was flushed to the event store before the process ended
+
+
+def test_stream_cut_at_the_end_of_the_grace_period_is_charged_for_what_it_generated(
+        stack: Stack, database_url: str, tmp_path: Path) -> None:
+    """A stream longer than the shutdown grace period: the client gets a final error event, the usage entry
+    charges the tokens generated until the cut, and it reaches the event store before the process ends."""
+    service, base_url = start_service(database_url, tmp_path / "data", {"LWAPI_SHUTDOWN_GRACE_S": "1"})
+    try:
+        c = openai.OpenAI(base_url=base_url, api_key=stack.secret, max_retries=0, timeout=30)
+        stream = c.chat.completions.create(model="llama", messages=[{"role": "user", "content": "x"}], stream=True,
+                                           extra_body={"fake_tokens": 400, "fake_delay_ms": 20})
+        received = [next(stream)]
+        service.send_signal(signal.SIGTERM)
+        with pytest.raises(openai.APIError, match="shutting down"):
+            received.extend(stream)  # extend keeps the chunks that came before the error
+        assert service.wait(timeout=30) == 0
+    finally:
+        stop_service(service)
+    delivered = "".join(ch.choices[0].delta.content or "" for ch in received if ch.choices).count("tok ")
+    assert 10 < delivered < 400  # about a second's worth at 20 ms per token
+    with psycopg.connect(database_url) as conn:
+        claims = conn.execute("SELECT count(*) FROM usage_request_claims").fetchone()
+    assert claims == (1,)  # recorded in the event store before the process ended
+
+    def rollup() -> list[tuple[int, int]]:
+        with psycopg.connect(database_url) as conn:
+            return conn.execute("SELECT tokens_completion, estimated_requests FROM lwapi_read.usage_rollups "
+                                "WHERE key_id = %s", (stack.key_id,)).fetchall()
+    wait_for(lambda: rollup() != [])  # the other service's projections fold it
+    # charged what was generated: the tokens that reached the client, counted (the upstream never sent usage)
+    assert rollup() == [(delivered, 1)]
 
 
 def test_upstream_timeouts_are_504_or_a_final_error_event(stack: Stack) -> None:
