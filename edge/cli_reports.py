@@ -13,7 +13,6 @@ from typing import Any, TypeVar
 import asyncpg
 import click
 
-from adapters.statement_pdf import StatementFontMissing, render_statement_pdf
 from edge import reports
 from edge.cli_support import handles_errors, parse_uuid, read, runtime
 from edge.portal.i18n import LANGUAGES, Translator
@@ -76,6 +75,9 @@ def statement(ctx: click.Context, code: str, first: str | None, last: str | None
     period = reports.Period.parse(first, last)
     s = _read(ctx, lambda pool: reports.statement(pool, code, period, as_of))
     if fmt == "pdf":
+        # imported here: the service imports this module, and fpdf2 brings fontTools, numpy and Pillow
+        from adapters.statement_pdf import StatementFontMissing, render_statement_pdf  # noqa: PLC0415
+
         try:
             data = render_statement_pdf(s, pdf_labels(language), language=language)
         except StatementFontMissing as e:

@@ -18,7 +18,6 @@ from uuid import UUID
 from litestar import Response, get
 from litestar.response import Stream
 
-from adapters.statement_pdf import StatementFontMissing, render_statement_pdf
 from domain.api_key import KeyStatus, hash_secret, looks_like_secret
 from domain.errors import DomainError, InvalidValue, NotFound
 from edge import queries, reports
@@ -122,6 +121,8 @@ async def statement(request: AnyRequest, code: str, start: str = "", end: str = 
         await _project_for(request, code)
         s = await reports.statement(pool_of(request), code, period, _as_of(as_of))
         if fmt == "pdf":
+            # imported here: fpdf2 with fontTools, numpy and Pillow would add ~30 MB to every gateway process
+            from adapters.statement_pdf import StatementFontMissing, render_statement_pdf  # noqa: PLC0415
             from edge.cli_reports import pdf_labels  # noqa: PLC0415 - shared wording of the statement
 
             lang = language if language in ("zh-TW", "en") else translator(request).language
