@@ -20,8 +20,8 @@ def _escape(value: str) -> str:
 class Metrics:
     def __init__(self) -> None:
         self.requests: dict[tuple[str, str, int], int] = defaultdict(int)
-        self.latency_counts: dict[str, list[int]] = {}
-        self.latency_sum: dict[str, float] = defaultdict(float)
+        self.latency_counts: dict[tuple[str, int], list[int]] = {}
+        self.latency_sum: dict[tuple[str, int], float] = defaultdict(float)
         self.tokens: dict[tuple[str, str], int] = defaultdict(int)
         self.gauges: dict[str, Callable[[], float]] = {}
 
@@ -29,9 +29,9 @@ class Metrics:
         if len(self.requests) >= LABEL_SETS_MAX and (endpoint, model, status) not in self.requests:
             model = "_other"
         self.requests[(endpoint, model, status)] += 1
-        counts = self.latency_counts.setdefault(model, [0] * (len(LATENCY_BUCKETS_S) + 1))
+        counts = self.latency_counts.setdefault((model, status), [0] * (len(LATENCY_BUCKETS_S) + 1))
         counts[bisect.bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
-        self.latency_sum[model] += seconds
+        self.latency_sum[(model, status)] += seconds
 
     def count_tokens(self, model: str, prompt: int, completion: int) -> None:
         self.tokens[(model, "prompt")] += prompt
@@ -42,16 +42,17 @@ class Metrics:
                  "# TYPE lwapi_requests_total counter"]
         lines += [f'lwapi_requests_total{{endpoint="{e}",model="{_escape(m)}",status="{s}"}} {n}'
                   for (e, m, s), n in sorted(self.requests.items())]
-        lines += ["# HELP lwapi_request_duration_seconds Time from request to last byte, by model.",
+        lines += ["# HELP lwapi_request_duration_seconds Time from request to last byte, by model and status.",
                   "# TYPE lwapi_request_duration_seconds histogram"]
-        for model, counts in sorted(self.latency_counts.items()):
+        for (model, status), counts in sorted(self.latency_counts.items()):
+            labels = f'model="{_escape(model)}",status="{status}"'
             total = 0
             for bound, count in zip((*LATENCY_BUCKETS_S, float("inf")), counts, strict=True):
                 total += count
                 le = "+Inf" if bound == float("inf") else repr(bound)
-                lines.append(f'lwapi_request_duration_seconds_bucket{{model="{_escape(model)}",le="{le}"}} {total}')
-            lines.append(f'lwapi_request_duration_seconds_sum{{model="{_escape(model)}"}} {self.latency_sum[model]}')
-            lines.append(f'lwapi_request_duration_seconds_count{{model="{_escape(model)}"}} {total}')
+                lines.append(f'lwapi_request_duration_seconds_bucket{{{labels},le="{le}"}} {total}')
+            lines.append(f"lwapi_request_duration_seconds_sum{{{labels}}} {self.latency_sum[(model, status)]}")
+            lines.append(f"lwapi_request_duration_seconds_count{{{labels}}} {total}")
         lines += ["# HELP lwapi_tokens_total Tokens metered, by model and kind.", "# TYPE lwapi_tokens_total counter"]
         lines += [f'lwapi_tokens_total{{model="{_escape(m)}",kind="{k}"}} {n}'
                   for (m, k), n in sorted(self.tokens.items())]

@@ -218,6 +218,7 @@ def test_metrics_are_prometheus_text_without_a_key(stack: Stack) -> None:
     text = httpx.get(stack.base_url.removesuffix("/v1") + "/metrics").text
     assert 'lwapi_requests_total{endpoint="chat",model="llama",status="200"} 1' in text
     assert 'lwapi_tokens_total{model="llama",kind="completion"} 8' in text
+    assert 'lwapi_request_duration_seconds_count{model="llama",status="200"} 1' in text
     assert "lwapi_spool_depth_entries" in text and "lwapi_projection_lag_events" in text
     assert 'lwapi_upstream_in_flight{model="llama",deployment="fake"} 0' in text
 
