@@ -21,9 +21,11 @@ from uuid import UUID
 from redis.exceptions import RedisError
 
 from adapters.redis_admission import RedisAdmissionStore
+from domain.errors import InvalidValue
 from domain.limits import Decision, adjust, decide
 from domain.pricing import Prices
 from domain.quota import QuotaBook
+from domain.validation import CREDITS_MAX
 from edge.gateway.errors import GatewayError
 from edge.gateway.key_index import KeyRecord
 
@@ -86,9 +88,8 @@ class LocalAdmission:
         self._tpm_tat: dict[UUID, float] = {}
 
     async def admit(self, key: KeyRecord, request_id: str, tokens_estimate: int, prices: Prices,
-                    prompt_estimate: int, completion_max: int) -> Ticket:
-        return self.admit_now(key, request_id, tokens_estimate, prices.cost_credits(prompt_estimate, 0,
-                                                                                    completion_max))
+                    prompt_max: int, completion_max: int) -> Ticket:
+        return self.admit_now(key, request_id, tokens_estimate, reservation_cost(prices, prompt_max, completion_max))
 
     def admit_now(self, key: KeyRecord, request_id: str, tokens_estimate: int, cost: int) -> Ticket:
         now = time.monotonic()
@@ -151,8 +152,8 @@ class SharedAdmission:
         self.redis_failures = 0
 
     async def admit(self, key: KeyRecord, request_id: str, tokens_estimate: int, prices: Prices,
-                    prompt_estimate: int, completion_max: int) -> Ticket:
-        cost = prices.cost_credits(prompt_estimate, 0, completion_max)
+                    prompt_max: int, completion_max: int) -> Ticket:
+        cost = reservation_cost(prices, prompt_max, completion_max)
         budgets = budgets_of(key)
         try:
             d = await self.store.admit(str(key.key_id), key.rpm_limit or 0, key.tpm_limit or 0, tokens_estimate,
@@ -225,3 +226,12 @@ def _retry(value: str) -> float:
 
 
 Admission = LocalAdmission | SharedAdmission
+
+
+def reservation_cost(prices: Prices, prompt_max: int, completion_max: int) -> int:
+    """Credits to hold for a request's worst case; one beyond any balance is held as the largest amount,
+    which no balance covers, so the request is refused as out of quota rather than failing."""
+    try:
+        return prices.cost_credits(prompt_max, 0, completion_max)
+    except InvalidValue:
+        return CREDITS_MAX

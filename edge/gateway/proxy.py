@@ -187,8 +187,11 @@ class Gateway:
                                "model_not_priced")
         prompt_estimate = max(1, len(body) // BYTES_PER_TOKEN_ESTIMATE)
         completion_max = completion_limit(payload, endpoint)
-        ticket = await self.admission.admit(key, request_id, prompt_estimate + completion_max, prices, prompt_estimate,
-                                      completion_max)
+        # Credits are reserved for at most one prompt token per byte of the body: a token always carries at
+        # least one byte of text, and the JSON around the messages outweighs what a chat template adds. The
+        # tokens-per-minute limit takes the likely count instead, so it does not refuse four times too early.
+        ticket = await self.admission.admit(key, request_id, prompt_estimate + completion_max, prices, len(body),
+                                            completion_max)
         call = Call(request_id, endpoint, payload, model, ticket, started, prompt_estimate)
         outcome = Outcome()
         self.calls_open += 1
