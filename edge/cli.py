@@ -25,6 +25,7 @@ from edge.cli_keys import key
 from edge.cli_reports import report
 from edge.cli_support import (
     EXIT_SETUP,
+    OneLineErrorGroup,
     emit,
     handles_errors,
     json_option,
@@ -35,7 +36,7 @@ from edge.cli_support import (
 from edge.settings import Settings, SettingsError
 
 
-@click.group()
+@click.group(cls=OneLineErrorGroup)
 @click.option("--data-dir", type=click.Path(path_type=Path), envvar="LWAPI_DATA_DIR", default=None,
               help="Local data folder of the embedded PostgreSQL (default .lwapi).")
 @click.pass_context
@@ -317,4 +318,4 @@ main.add_command(report)
 
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="lwapi")  # as the installed script names itself, not "python -m edge.cli"

@@ -7,27 +7,42 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import wraps
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 from uuid import UUID
 
+import asyncpg
 import click
+import psycopg
+from eventsourcing.persistence import InterfaceError as StoreInterfaceError
+from eventsourcing.persistence import OperationalError as StoreOperationalError
+from psycopg_pool import PoolTimeout
 
-from adapters.database import DatabaseUrlError
+from adapters.database import DatabaseUrlError, eventstore_env
 from adapters.passwords import WeakPassword
 from adapters.pg_embedded import EmbeddedPostgresError
 from domain.errors import DomainError, InvalidValue
 from domain.validation import label
 from edge.runtime import Runtime
-from edge.settings import SettingsError
+from edge.settings import Settings, SettingsError
 
 F = TypeVar("F", bound=Callable[..., Any])
 EXIT_REFUSED = 1
 EXIT_SETUP = 2
+PROBE_TIMEOUT_S = 5
+
+# A server that is down, refuses us, or lacks the user or database, as each client library reports
+# it: eventsourcing wraps psycopg's errors, asyncpg raises OSError subclasses or its own.
+UNREACHABLE: tuple[type[BaseException], ...] = (
+    StoreOperationalError, StoreInterfaceError, psycopg.OperationalError, psycopg.InterfaceError,
+    asyncpg.PostgresConnectionError, asyncpg.InvalidAuthorizationSpecificationError,
+    asyncpg.InvalidCatalogNameError, asyncpg.CannotConnectNowError, OSError,
+)
 
 
 def _fail(message: str, code: int = EXIT_REFUSED) -> None:
@@ -47,9 +62,82 @@ def handles_errors(fn: F) -> F:
             _fail(str(e))
         except (SettingsError, DatabaseUrlError, EmbeddedPostgresError) as e:
             _fail(str(e).splitlines()[0] if str(e) else type(e).__name__, EXIT_SETUP)
-        except OSError as e:
-            _fail(f"cannot reach the database: {e}", EXIT_SETUP)
+        except UNREACHABLE as e:
+            _fail(_unreachable(e), EXIT_SETUP)
     return wrapper  # type: ignore[return-value]
+
+
+def _unreachable(error: BaseException) -> str:
+    """`cannot reach the database at host:port/db: why`, on one line and without the password."""
+    ctx = click.get_current_context(silent=True)
+    settings = ctx.find_root().obj if ctx is not None else None
+    url = settings.database_url if isinstance(settings, Settings) else None
+    reason = str(error) or type(error).__name__
+    if url is None:  # the embedded server: its socket says nothing worth adding
+        return _one_line(f"cannot reach the database: {reason}")
+    env = eventstore_env(url)
+    if isinstance(error.__cause__ or error, PoolTimeout):
+        reason = _probe(url) or reason
+    where = f"{env['POSTGRES_HOST']}:{env['POSTGRES_PORT']}/{env['POSTGRES_DBNAME']}"
+    return _one_line(_masked(f"cannot reach the database at {where}: {reason}", env["POSTGRES_PASSWORD"]))
+
+
+def _probe(url: str) -> str | None:
+    """psycopg's pool reports only that it timed out; one direct attempt says why (refused, bad password...)."""
+    try:
+        psycopg.connect(url, connect_timeout=PROBE_TIMEOUT_S).close()
+    except psycopg.Error as e:
+        return str(e)
+    return None
+
+
+def _masked(text: str, password: str) -> str:
+    """Hide the password, should a client library quote the URL or the password itself."""
+    text = re.sub(r"(://[^:/@\s]*):[^@\s]*@", r"\1:***@", text)
+    return text.replace(password, "***") if password else text
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+class OneLineError(click.ClickException):
+    """A click error shown as one `error:` line instead of click's usage block."""
+
+    def __init__(self, error: click.ClickException) -> None:
+        message = error.format_message().strip().removesuffix(".")
+        if message[1:2].islower():  # a sentence, like this CLI's other errors; not e.g. 'AMOUNT ...'
+            message = message[:1].lower() + message[1:]
+        ctx = error.ctx if isinstance(error, click.UsageError) else None
+        super().__init__(_one_line(f"{ctx.command_path}: {message}" if ctx is not None else message))
+        self.exit_code = EXIT_SETUP if isinstance(error, click.UsageError) else error.exit_code  # type: ignore[misc]
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"error: {self.message}", err=True)
+
+
+class OneLineErrorGroup(click.Group):
+    """The top-level group: every click error below it (parsing, bad values, UsageError raised by a
+    command) becomes one `error:` line; usage errors exit with 2. Help, asked or implied, stays as is."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        with _one_line_errors():
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _one_line_errors():
+            return super().invoke(ctx)
+
+
+@contextmanager
+def _one_line_errors() -> Iterator[None]:
+    try:
+        yield
+    except (click.exceptions.NoArgsIsHelpError, OneLineError):
+        raise
+    except click.ClickException as e:
+        raise OneLineError(e) from e
 
 
 @contextmanager

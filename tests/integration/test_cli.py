@@ -4,13 +4,38 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import psycopg
 import pytest
 
+from tests.e2e.conftest import free_port
+from tests.integration.support import accounting, pool, sample_history, snapshot
+
 LWAPI = [sys.executable, "-m", "edge.cli"]
+
+
+def run_lwapi(env: dict[str, str], *args: str, stdin: str | None = None,
+              ok: bool = True) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run([*LWAPI, *args], env=env, input=stdin, capture_output=True, text=True, timeout=120,
+                          check=False)
+    if ok:
+        assert done.returncode == 0, done.stderr
+    return done
+
+
+def error_line(done: subprocess.CompletedProcess[str]) -> str:
+    """The one `error:` line a failed command printed, checked to be alone and free of tracebacks."""
+    assert done.returncode != 0 and done.stdout == ""
+    assert "Traceback" not in done.stderr and done.stderr.endswith("\n")
+    [line] = done.stderr.splitlines()
+    assert line.startswith("error: ")
+    return line
 
 
 @pytest.fixture
@@ -18,11 +43,7 @@ def lwapi(database_url: str):
     env = {**os.environ, "DATABASE_URL": database_url}
 
     def run(*args: str, stdin: str | None = None, ok: bool = True) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run([*LWAPI, *args], env=env, input=stdin, capture_output=True, text=True, timeout=60,
-                              check=False)
-        if ok:
-            assert done.returncode == 0, done.stderr
-        return done
+        return run_lwapi(env, *args, stdin=stdin, ok=ok)
     return run
 
 
@@ -90,8 +111,6 @@ def test_bad_input_gets_one_line_and_nonzero_exit(lwapi, args: list[str], messag
 def test_refused_commands_write_nothing(lwapi, database_url: str) -> None:
     lwapi("user", "add", "a@uni.edu", "--name", "A")
     lwapi("project", "create", "p1", "--name", "P", "--creator", "a@uni.edu")
-    import psycopg  # noqa: PLC0415
-
     with psycopg.connect(database_url) as conn:
         before = conn.execute("SELECT count(*) FROM accounting_events").fetchone()
     for args in (["credits", "grant", "p1", "-5", "--reason", "x"], ["credits", "grant", "p1", "0", "--reason", "x"],
@@ -105,6 +124,109 @@ def test_refused_commands_write_nothing(lwapi, database_url: str) -> None:
         assert done.stderr.startswith("error: ")
     with psycopg.connect(database_url) as conn:
         assert conn.execute("SELECT count(*) FROM accounting_events").fetchone() == before
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["credits", "grant", "p1", "abc", "--reason", "x"],
+         "lwapi credits grant: invalid value for 'AMOUNT': 'abc' is not a valid integer"),
+        (["key", "create", "p1", "--owner", "a@uni.edu", "--name", "k", "--rpm", "lots"],
+         "lwapi key create: invalid value for '--rpm': 'lots' is not a valid integer"),
+        (["member", "add", "p1", "a@uni.edu", "--role", "admin"],
+         "lwapi member add: invalid value for '--role': 'admin' is not one of 'manager', 'user'"),
+        (["credits", "correct", "p1", "-5"], "lwapi credits correct: missing option '--reason'"),
+        (["user", "add", "b@uni.edu"], "lwapi user add: missing option '--name'"),
+        (["project", "list", "--verbose"], "lwapi project list: no such option '--verbose'"),
+        (["project", "show"], "lwapi project show: missing argument 'CODE'"),
+        (["project", "show", "p1", "p2"], "lwapi project show: got unexpected extra argument (p2)"),
+        (["--verbose", "project", "list"], "lwapi: no such option '--verbose'"),
+        (["frobnicate"], "lwapi: no such command 'frobnicate'"),
+        (["model", "add", "m", "--backend", "vllm", "--base-url", "http://gpu1/v1", "--api-key-env", "K",
+          "--api-key-file", "/k"], "lwapi model add: give --api-key-env or --api-key-file, not both"),
+    ],
+)
+def test_usage_errors_are_one_line_with_exit_2(lwapi, database_url: str, args: list[str], message: str) -> None:
+    lwapi("user", "add", "a@uni.edu", "--name", "A")
+    lwapi("project", "create", "p1", "--name", "P", "--creator", "a@uni.edu")
+    with psycopg.connect(database_url) as conn:
+        before = conn.execute("SELECT count(*) FROM accounting_events").fetchone()
+    done = lwapi(*args, ok=False)
+    assert error_line(done) == f"error: {message}" and done.returncode == 2
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT count(*) FROM accounting_events").fetchone() == before
+
+
+def test_help_still_prints_usage(lwapi) -> None:
+    done = lwapi("credits", "grant", "--help")
+    assert done.stdout.startswith("Usage: lwapi credits grant [OPTIONS] CODE AMOUNT") and "--reason" in done.stdout
+    assert "Commands:" in lwapi("--help").stdout
+
+
+@pytest.mark.parametrize("args", [["project", "list"], ["db", "check"], ["key", "list", "X"]])
+def test_unreachable_database_is_one_line_without_the_password(args: list[str]) -> None:
+    port = free_port()  # nothing listens there: the connection is refused
+    env = {**os.environ, "DATABASE_URL": f"postgresql://u:s3cret-pw@127.0.0.1:{port}/x", "LWAPI_DB_TIMEOUT_S": "1"}
+    done = run_lwapi(env, *args, ok=False)
+    line = error_line(done)
+    assert done.returncode == 2
+    assert line.startswith(f"error: cannot reach the database at 127.0.0.1:{port}/x: ")
+    assert "refused" in line.lower() and "s3cret" not in line
+
+
+def test_list_commands_print_json(lwapi) -> None:
+    lwapi("user", "add", "root@uni.edu", "--name", "Root", "--admin")
+    lwapi("user", "add", "lead@uni.edu", "--name", "Lead", "--password-stdin", stdin="correct horse battery\n")
+    lwapi("project", "create", "genomics", "--name", "Genomics Lab", "--creator", "lead@uni.edu")
+    lwapi("project", "create", "astro", "--name", "Astronomy", "--creator", "root@uni.edu")
+    lwapi("credits", "grant", "genomics", "1000", "--reason", "allocation")
+    users = json.loads(lwapi("user", "list", "--json").stdout)
+    assert [(u["email"], u["display_name"], u["is_admin"], u["has_password"]) for u in users] == [
+        ("lead@uni.edu", "Lead", False, True), ("root@uni.edu", "Root", True, False)]
+    projects = json.loads(lwapi("project", "list", "--json").stdout)
+    assert [(p["code"], p["name"], p["archived"], p["granted_credits"], p["remaining_credits"]) for p in projects] == [
+        ("astro", "Astronomy", False, 0, 0), ("genomics", "Genomics Lab", False, 1000, 1000)]
+
+
+async def test_rebuild_through_the_cli_leaves_the_read_models_unchanged(lwapi, database_url: str) -> None:
+    sample_history(accounting(database_url), random.Random(11), projects=2, batches=6)
+    lwapi("user", "add", "x@uni.edu", "--name", "X", "--admin")
+    assert all(s["lag_events"] == 0 for s in json.loads(lwapi("projections", "status", "--json").stdout))
+    db = await pool(database_url)
+    try:
+        async with db.acquire() as conn:
+            before = await snapshot(conn)
+        assert "rebuilt 9 read models" in lwapi("projections", "rebuild").stdout
+        async with db.acquire() as conn:
+            after = await snapshot(conn)
+    finally:
+        await db.close()
+    assert after == before
+    assert before["usage_rollups"] and len(before["users"]) == 6
+
+
+def test_data_dir_alone_starts_and_stops_the_embedded_server() -> None:
+    # Short and world-traversable: the socket path has a length limit, and the server may run unprivileged.
+    data_dir = Path(tempfile.mkdtemp(prefix="lwcli-", dir="/tmp"))
+    data_dir.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "LWAPI_DATA_DIR")}
+
+    def lwapi(*args: str) -> subprocess.CompletedProcess[str]:
+        return run_lwapi(env, "--data-dir", str(data_dir), *args)
+
+    def server(command: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "adapters.pg_embedded", command, "--data-dir", str(data_dir)],
+                              capture_output=True, text=True, timeout=120, check=False)
+    try:
+        assert "database ready" in lwapi("db", "init").stdout
+        lwapi("user", "add", "admin@uni.edu", "--name", "Admin", "--admin")
+        assert server("status").stdout.strip() == "stopped"  # each command stops the server it started
+        [user] = json.loads(lwapi("user", "list", "--json").stdout)  # a new process sees what the last one wrote
+        assert (user["email"], user["is_admin"]) == ("admin@uni.edu", True)
+        assert (data_dir / "pg" / "PG_VERSION").exists()
+    finally:
+        server("stop")
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def test_malformed_database_url_is_a_setup_error(tmp_path: Path) -> None:
