@@ -39,12 +39,22 @@ local function gcra(key, limit, n)
   end
   return true, new, 0, math.max(0, math.min(limit, math.floor((W - ahead) / interval + 1e-9))), ahead
 end
+local function untouched(key, limit)  -- a limit's state as a refused request leaves it
+  local _, _, _, rem, reset = gcra(key, limit, 0)
+  return rem, tostring(reset)
+end
 local ok, rtat, rretry, rrem, rreset = gcra(KEYS[1], rpm, 1)
-if not ok then return {'rpm', tostring(rretry), rrem, tostring(rreset)} end
 local n = tokens
 if tpm > 0 then n = math.min(tokens, tpm) end
+if not ok then
+  local trem0, treset0 = untouched(KEYS[2], tpm)
+  return {'rpm', tostring(rretry), rrem, tostring(rreset), trem0, treset0}
+end
 local ok2, ttat, tretry, trem, treset = gcra(KEYS[2], tpm, n)
-if not ok2 then return {'tpm', tostring(tretry), trem, tostring(treset), rrem, tostring(rreset)} end
+if not ok2 then
+  local rrem0, rreset0 = untouched(KEYS[1], rpm)
+  return {'tpm', tostring(tretry), rrem0, rreset0, trem, tostring(treset)}
+end
 local batch = KEYS[#KEYS]
 for i = 3, #KEYS - 1, 3 do
   local b = redis.call('HMGET', KEYS[i], 'base', 'pos')
@@ -66,7 +76,11 @@ for i = 3, #KEYS - 1, 3 do
         redis.call('HDEL', batch, entries[j])
       else unp = unp + tonumber(entries[j + 1]) end
     end
-    if base - reserved - unp < cost then return {'quota', tostring((i - 3) / 3)} end
+    if base - reserved - unp < cost then
+      local rrem0, rreset0 = untouched(KEYS[1], rpm)
+      local trem0, treset0 = untouched(KEYS[2], tpm)
+      return {'quota', tostring((i - 3) / 3), rrem0, rreset0, trem0, treset0}
+    end
   end
 end
 for i = 3, #KEYS - 1, 3 do redis.call('HSET', KEYS[i + 1], rid, cost .. ':' .. (now + ttl)) end
@@ -106,6 +120,8 @@ return 1
 class SharedDecision:
     outcome: str  # "ok", "rpm", "tpm" or "quota"
     values: list[Any]
+    """ok: requests remaining and reset, tokens remaining and reset (after this request). A refusal:
+    the retry delay (rpm, tpm) or the refusing budget's index (quota), then the same four, untouched."""
 
 
 def _budget_keys(budgets: Sequence[str]) -> list[str]:

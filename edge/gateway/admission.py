@@ -93,25 +93,36 @@ class LocalAdmission:
 
     def admit_now(self, key: KeyRecord, request_id: str, tokens_estimate: int, cost: int) -> Ticket:
         now = time.monotonic()
-        headers: dict[str, str] = {}
         rpm = tpm = None
         if key.rpm_limit is not None:
             rpm = decide(key.rpm_limit, self._rpm_tat.get(key.key_id, 0.0), now, 1)
-            headers |= limit_headers("requests", key.rpm_limit, rpm.remaining, rpm.reset_s)
             if not rpm.allowed:
-                raise rate_limited("requests", key.rpm_limit, rpm.retry_after_s, headers)
+                raise rate_limited("requests", key.rpm_limit, rpm.retry_after_s, self._untouched(key, now))
         tokens = min(tokens_estimate, key.tpm_limit) if key.tpm_limit is not None else tokens_estimate
         if key.tpm_limit is not None:
             tpm = decide(key.tpm_limit, self._tpm_tat.get(key.key_id, 0.0), now, tokens)
-            headers |= limit_headers("tokens", key.tpm_limit, tpm.remaining, tpm.reset_s)
             if not tpm.allowed:
-                raise rate_limited("tokens", key.tpm_limit, tpm.retry_after_s, headers)
+                raise rate_limited("tokens", key.tpm_limit, tpm.retry_after_s, self._untouched(key, now))
         budgets = budgets_of(key)
         refused: Hashable | None = self.quota.reserve(request_id, budgets, cost)
         if refused is not None:
-            raise out_of_quota(refused != budgets[0], cost, headers)
+            raise out_of_quota(refused != budgets[0], cost, self._untouched(key, now))
         self._store(key.key_id, rpm, tpm)
+        headers: dict[str, str] = {}
+        if key.rpm_limit is not None and rpm is not None:
+            headers |= limit_headers("requests", key.rpm_limit, rpm.remaining, rpm.reset_s)
+        if key.tpm_limit is not None and tpm is not None:
+            headers |= limit_headers("tokens", key.tpm_limit, tpm.remaining, tpm.reset_s)
         return Ticket(request_id, key, tokens, cost, headers, budgets)
+
+    def _untouched(self, key: KeyRecord, now: float) -> dict[str, str]:
+        """The limits' headers as a refused request leaves them: it spent nothing."""
+        headers: dict[str, str] = {}
+        for kind, limit, tats in (("requests", key.rpm_limit, self._rpm_tat), ("tokens", key.tpm_limit, self._tpm_tat)):
+            if limit is not None:
+                state = decide(limit, tats.get(key.key_id, 0.0), now, 0)
+                headers |= limit_headers(kind, limit, state.remaining, state.reset_s)
+        return headers
 
     def _store(self, key_id: UUID, rpm: Decision | None, tpm: Decision | None) -> None:
         if rpm is not None:
@@ -172,17 +183,13 @@ class SharedAdmission:
         return Ticket(request_id, key, tokens, cost, headers, budgets, shared=True)
 
     @staticmethod
-    def _headers(key: KeyRecord, outcome: str, v: list[str]) -> dict[str, str]:
+    def _headers(key: KeyRecord, outcome: str, values: list[str]) -> dict[str, str]:
+        v = values if outcome == "ok" else values[1:]  # a refusal leads with its retry delay or budget
         headers: dict[str, str] = {}
-        if outcome == "ok":
-            if key.rpm_limit:
-                headers |= limit_headers("requests", key.rpm_limit, int(v[0]), float(v[1]))
-            if key.tpm_limit:
-                headers |= limit_headers("tokens", key.tpm_limit, int(v[2]), float(v[3]))
-        elif outcome == "rpm" and key.rpm_limit:
-            headers |= limit_headers("requests", key.rpm_limit, int(v[1]), float(v[2]))
-        elif outcome == "tpm" and key.tpm_limit:
-            headers |= limit_headers("tokens", key.tpm_limit, int(v[1]), float(v[2]))
+        if key.rpm_limit:
+            headers |= limit_headers("requests", key.rpm_limit, int(v[0]), float(v[1]))
+        if key.tpm_limit:
+            headers |= limit_headers("tokens", key.tpm_limit, int(v[2]), float(v[3]))
         return headers
 
     async def settle(self, ticket: Ticket, tokens_used: int, cost_credits: int) -> None:
