@@ -1,17 +1,26 @@
 """A small OpenAI-compatible upstream for tests and benchmarks, steerable per request.
 
 Run: `python -m tests.fake_upstream --port 9100 [--no-usage]`. Extra request fields steer it:
-`fake_tokens` (completion tokens, default 8, capped by max_tokens), `fake_delay_ms` (per token),
+`fake_tokens` (completion tokens, default 8, capped by max_tokens), `fake_prompt_tokens` (the prompt
+tokens it reports; default a quarter of the prompt's JSON), `fake_delay_ms` (per token),
 `fake_fail`: "500" (error before any byte), "400" (a refusal), "cut" (stream breaks off midway),
 "no_done" (stream ends without [DONE]), "hang" (headers, then silence), "malformed" (bad JSON), "bad_utf8"
 (a body, or one stream event, that is not UTF-8),
 "slow_headers" (sleeps before answering). `--no-usage` ignores include_usage, like llama.cpp's server.
+
+Watching streams: a stream with `fake_tag` (any string) is recorded under that tag, and stops generating
+as soon as its client (the gateway) closes the connection, as a real inference server does;
+`fake_hold_after` (with a tag) pauses it after that many tokens until `POST /fake/release/TAG` or the
+client goes away. `GET /fake/streams` answers the records: {tag: {"planned", "sent", "client_gone",
+"finished"}}, where `sent` counts the token events sent and `client_gone` means the client went away
+before the last one.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -20,6 +29,9 @@ from typing import Any
 import uvicorn
 
 NO_USAGE = False
+HOLD_MAX_S = 120.0
+STREAMS: dict[str, dict[str, Any]] = {}  # the tagged streams, by tag
+RELEASES: dict[str, asyncio.Event] = {}
 
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -35,6 +47,13 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if not message.get("more_body"):
             break
     path = scope["path"]
+    if scope["method"] == "GET" and path == "/fake/streams":
+        await _json(send, 200, STREAMS)
+        return
+    if scope["method"] == "POST" and path.startswith("/fake/release/"):
+        RELEASES.setdefault(path.removeprefix("/fake/release/"), asyncio.Event()).set()
+        await _json(send, 200, {"released": True})
+        return
     if scope["method"] == "GET" and path == "/v1/models":
         await _json(send, 200, {"object": "list", "data": [{"id": "fake", "object": "model", "created": 0,
                                                            "owned_by": "fake"}]})
@@ -61,11 +80,12 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await _json(send, 200, {"object": "list", "data": data, "model": request["model"],
                                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
         return
-    await _complete(send, request, chat=path == "/v1/chat/completions")
+    await _complete(send, request, chat=path == "/v1/chat/completions", receive=receive)
 
 
-async def _complete(send: Any, request: dict[str, Any], *, chat: bool) -> None:
-    prompt_tokens = len(json.dumps(request.get("messages") or request.get("prompt"))) // 4 + 1
+async def _complete(send: Any, request: dict[str, Any], *, chat: bool, receive: Any = None) -> None:
+    prompt_tokens = int(request.get("fake_prompt_tokens") or len(json.dumps(request.get("messages")
+                                                                            or request.get("prompt"))) // 4 + 1)
     tokens = int(request.get("fake_tokens", 8))
     limit = request.get("max_completion_tokens") or request.get("max_tokens")
     finish = "stop"
@@ -90,6 +110,11 @@ async def _complete(send: Any, request: dict[str, Any], *, chat: bool) -> None:
                                                    "logprobs": None})
         await _json(send, 200, {**base, "object": "chat.completion" if chat else "text_completion",
                                 "choices": [choice], **({} if NO_USAGE else {"usage": usage})})
+        return
+    tag = request.get("fake_tag")
+    if isinstance(tag, str) and receive is not None:
+        await _watched_stream(send, receive, request, tag, tokens, chat=chat, base=base, finish=finish,
+                              usage=usage)
         return
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"text/event-stream")]})
@@ -117,6 +142,54 @@ async def _complete(send: Any, request: dict[str, Any], *, chat: bool) -> None:
     if fail != "no_done":
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": True})
     await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _watched_stream(send: Any, receive: Any, request: dict[str, Any], tag: str, tokens: int, *, chat: bool,
+                          base: dict[str, Any], finish: str, usage: dict[str, int]) -> None:
+    """A stream recorded under `tag` that stops as soon as its client goes away (see the module doc)."""
+    record = STREAMS[tag] = {"planned": tokens, "sent": 0, "client_gone": False, "finished": False}
+    release = RELEASES.setdefault(tag, asyncio.Event())
+    gone = asyncio.Event()
+
+    async def watch() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        gone.set()
+    watcher = asyncio.ensure_future(watch())
+    delay = float(request.get("fake_delay_ms", 0)) / 1000
+    hold_after = request.get("fake_hold_after")
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    try:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        for i in range(tokens):
+            if i and i == hold_after:
+                waits = {asyncio.ensure_future(release.wait()), asyncio.ensure_future(gone.wait())}
+                _, pending = await asyncio.wait(waits, timeout=HOLD_MAX_S, return_when=asyncio.FIRST_COMPLETED)
+                for task in pending:
+                    task.cancel()
+            elif delay:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(gone.wait(), delay)
+            if gone.is_set():
+                record["client_gone"] = True
+                return
+            delta = ({"role": "assistant", "content": "tok "} if i == 0 else {"content": "tok "}) if chat else None
+            choice = {"index": 0, "delta": delta, "finish_reason": None, "logprobs": None} if chat else \
+                {"index": 0, "text": "tok ", "finish_reason": None, "logprobs": None}
+            await _event(send, {**base, "object": kind, "choices": [choice]})
+            record["sent"] = i + 1
+        last = {"index": 0, "delta": {}, "finish_reason": finish, "logprobs": None} if chat else \
+            {"index": 0, "text": "", "finish_reason": finish, "logprobs": None}
+        await _event(send, {**base, "object": kind, "choices": [last]})
+        options = request.get("stream_options") or {}
+        if options.get("include_usage") and not NO_USAGE:
+            await _event(send, {**base, "object": kind, "choices": [], "usage": usage})
+        record["finished"] = True
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    finally:
+        watcher.cancel()
 
 
 async def _event(send: Any, payload: dict[str, Any]) -> None:

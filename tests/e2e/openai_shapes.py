@@ -47,6 +47,38 @@ EMBEDDINGS = {"type": "object", "required": ["object", "data", "model", "usage"]
     "data": {"type": "array", "items": {"type": "object", "required": ["index", "embedding", "object"],
              "properties": {"object": {"const": "embedding"}, "index": {"type": "integer"}}}}}}
 
+# The legacy completions API (POST /v1/completions): "The completion object" of the API reference; a
+# streamed response is a series of such objects, each with the text generated since the one before,
+# `finish_reason` null until the choice ends, and (with stream_options.include_usage) a last one with
+# no choices and the usage (`usage` null in the others).
+_TEXT_FINISH = ["stop", "length", "content_filter"]
+_TEXT_LOGPROBS = {"anyOf": [{"type": "null"}, {"type": "object", "properties": {
+    "text_offset": {"type": "array", "items": {"type": "integer"}},
+    "token_logprobs": {"type": "array", "items": {"type": ["number", "null"]}},
+    "tokens": {"type": "array", "items": {"type": "string"}},
+    "top_logprobs": {"type": "array", "items": {"type": ["object", "null"],
+                                                "additionalProperties": {"type": "number"}}}}}]}
+
+
+def _text_choice(finish_reason: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "required": ["finish_reason", "index", "logprobs", "text"], "properties": {
+        "finish_reason": finish_reason, "index": {"type": "integer", "minimum": 0}, "logprobs": _TEXT_LOGPROBS,
+        "text": {"type": "string"}}}
+
+
+_TEXT_COMMON = {"id": {"type": "string", "minLength": 1}, "object": {"const": "text_completion"},
+                "created": {"type": "integer"}, "model": {"type": "string", "minLength": 1},
+                "system_fingerprint": {"type": "string"}}
+
+TEXT_COMPLETION = {"type": "object", "required": ["id", "object", "created", "model", "choices"], "properties": {
+    **_TEXT_COMMON, "usage": _USAGE,
+    "choices": {"type": "array", "items": _text_choice({"enum": _TEXT_FINISH})}}}
+
+TEXT_COMPLETION_CHUNK = {"type": "object", "required": ["id", "object", "created", "model", "choices"],
+                         "properties": {
+    **_TEXT_COMMON, "usage": {"anyOf": [_USAGE, {"type": "null"}]},
+    "choices": {"type": "array", "items": _text_choice({"enum": [None, *_TEXT_FINISH]})}}}
+
 
 def validate(instance: Any, schema: dict[str, Any]) -> None:
     jsonschema.validate(instance, schema)

@@ -259,6 +259,49 @@ def test_two_hundred_concurrent_requests_on_a_balance_for_ten(stack: Stack, data
     wait_for(lambda: spent() == 100)
 
 
+def test_concurrent_requests_with_dense_prompts_never_spend_beyond_the_balance(stack: Stack,
+                                                                              database_url: str) -> None:
+    """The backend counts one prompt token per byte of text (the densest a tokenizer gets), four times the
+    gateway's likely count: the reservation still covers it, so no burst spends beyond the balance."""
+    owner = stack.app.register_user("dense@uni.edu", "Dense")
+    project = stack.app.create_project(SYSTEM, "dense", "Dense prompts", owner)
+    content = "你好" * 100  # 600 bytes of UTF-8
+    per_request = len(content.encode()) + 10  # credits: 600 prompt tokens and 10 completion tokens, 1 each
+    stack.app.grant_credits(SYSTEM, project, 10 * per_request, "ten requests")
+    _, secret = stack.app.create_key(SYSTEM, project, owner, KeySettings(name="k"))
+    stack.app.add_model(SYSTEM, "dense", Deployment("fake", BackendKind.OPENAI, stack.upstream_url, "fake-upstream"),
+                        Prices(1_000_000, 1_000_000, datetime(2020, 1, 1, tzinfo=UTC)))
+    wait_for(lambda: _works(stack, secret) and "dense" in [m.id for m in client(stack, secret).models.list()], 3)
+
+    async def one(c: openai.AsyncOpenAI) -> str:
+        try:
+            await c.chat.completions.create(model="dense", messages=[{"role": "user", "content": content}],
+                                            max_tokens=10, extra_body={"fake_tokens": 10, "fake_delay_ms": 5,
+                                                                       "fake_prompt_tokens": 600})
+        except openai.RateLimitError as e:
+            return str(e.code)
+        return "ok"
+
+    async def burst() -> list[str]:
+        c = openai.AsyncOpenAI(base_url=stack.base_url, api_key=secret, max_retries=0, timeout=60,
+                               http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=200)))
+        try:
+            return await asyncio.gather(*(one(c) for _ in range(200)))
+        finally:
+            await c.close()
+    outcomes = asyncio.run(burst())
+    succeeded = outcomes.count("ok")
+    assert succeeded >= 1 and outcomes.count("insufficient_quota") == 200 - succeeded
+
+    def spent() -> int:
+        with psycopg.connect(database_url) as conn:
+            row = conn.execute("SELECT charged_credits FROM lwapi_read.balances WHERE project_id = %s",
+                               (project,)).fetchone()
+        return row[0] if row else 0
+    wait_for(lambda: spent() == succeeded * per_request)
+    assert spent() <= 10 * per_request
+
+
 def test_sigterm_lets_open_streams_finish_and_flushes_their_usage(stack: Stack, database_url: str) -> None:
     c = client(stack)
     stream = c.chat.completions.create(model="llama", messages=[{"role": "user", "content": "x"}], stream=True,
