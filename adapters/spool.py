@@ -1,7 +1,7 @@
 """The durable usage spool: every finished request's usage entry is on local disk before the
 response ends, and reaches the event store in batches, exactly once.
 
-Imports: stdlib, domain. Entries are appended as JSON lines to the open segment (a plain write:
+Imports: stdlib, msgspec, domain. Entries are appended as JSON lines to the open segment (a plain write:
 it survives a killed process; only a power cut can lose what was not yet fsynced).
 The background task fsyncs the open segment every `fsync_interval_s` (off the event loop). A segment
 closes after `segment_entries_max` entries or `segment_age_s` seconds; closed segments are
@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import time
@@ -24,6 +23,8 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import msgspec
 
 from domain.accounting import Accounting, RecordedUsage
 from domain.errors import DuplicateRequest
@@ -37,6 +38,9 @@ SEGMENT_AGE_S = 0.2
 FSYNC_INTERVAL_S = 0.05
 RETRY_DELAY_S_MAX = 5.0
 SEGMENT_SUFFIX = ".jsonl"
+SEGMENTS_KEPT_MAX = 50
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder().decode
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,11 @@ class Spool:
         self._dirty = False
         self._path = self.folder / "none"
         self._retiring: list[tuple[int, Path]] = []
+        # what this process wrote, by completed segment path: recording it needs no re-reading and
+        # re-parsing (a fifth of the metering's CPU); bounded, so that a long database outage only
+        # costs reading back from disk
+        self._written: dict[Path, list[UsageEntry]] = {}
+        self._in_segment: list[UsageEntry] = []
         self._wake = asyncio.Event()
         self.entries_recorded = 0
 
@@ -83,7 +92,8 @@ class Spool:
         if self._fd is None:
             self._open_segment()
         assert self._fd is not None
-        os.write(self._fd, (json.dumps(entry.validate().to_row(), separators=(",", ":")) + "\n").encode())
+        os.write(self._fd, _encode(entry.validate().to_row()) + b"\n")
+        self._in_segment.append(entry)
         self._entries_in_segment += 1
         self._dirty = True
         if self._entries_in_segment >= self.segment_entries_max:
@@ -94,6 +104,7 @@ class Spool:
         self._path = self.folder / f"{self._segment_no:012d}{SEGMENT_SUFFIX}.open"
         self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._entries_in_segment = 0
+        self._in_segment = []
         self._opened_at = time.monotonic()
 
     def _retire_segment(self) -> None:
@@ -101,6 +112,9 @@ class Spool:
         if self._fd is None:
             return
         self._retiring.append((self._fd, self._path))
+        if len(self._written) < SEGMENTS_KEPT_MAX:
+            self._written[self._path.with_suffix("")] = self._in_segment
+        self._in_segment = []
         self._fd = None
         self._wake.set()
 
@@ -165,7 +179,9 @@ class Spool:
         return flushed
 
     async def _record_segment(self, path: Path, instance: uuid.UUID) -> int:
-        entries = _read_segment(path)
+        entries = self._written.get(path)
+        if entries is None:
+            entries = _read_segment(path)
         batch_id = uuid.uuid5(SPOOL_NAMESPACE, f"{instance}/{path.name}")
         if entries:
             result = await asyncio.to_thread(self._record, batch_id, entries)
@@ -174,6 +190,7 @@ class Spool:
             if self.on_recorded is not None:
                 await self.on_recorded(FlushedBatch([e.request_id for e in entries], result.position))
         path.unlink()
+        self._written.pop(path, None)
         return len(entries)
 
     def _record(self, batch_id: uuid.UUID, entries: list[UsageEntry]) -> RecordedUsage:
@@ -229,7 +246,7 @@ def _read_segment(path: Path) -> list[UsageEntry]:
     entries = []
     for number, line in enumerate(path.read_bytes().splitlines(), start=1):
         try:
-            entries.append(UsageEntry.from_row(json.loads(line)).validate())
+            entries.append(UsageEntry.from_row(_decode(line)).validate())
         except (ValueError, TypeError):  # a torn last line after a power cut
             log.exception("usage spool: unreadable entry %s:%d skipped", path, number)
     return entries

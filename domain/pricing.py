@@ -43,13 +43,19 @@ class Prices:
         return self.prompt_per_mtok if self.cached_prompt_per_mtok is None else self.cached_prompt_per_mtok
 
     def cost_credits(self, tokens_prompt: int, tokens_prompt_cached: int, tokens_completion: int) -> int:
-        cached_price = self.cached_per_mtok
-        micro = ((tokens_prompt - tokens_prompt_cached) * self.prompt_per_mtok
-                 + tokens_prompt_cached * cached_price + tokens_completion * self.completion_per_mtok)
-        cost = -(-micro // TOKENS_PER_PRICE_UNIT)  # ceiling division on integers
-        if not 0 <= cost <= CREDITS_MAX:
-            raise InvalidValue("cost out of range")
-        return cost
+        return charge(tokens_prompt, tokens_prompt_cached, tokens_completion,
+                      self.prompt_per_mtok, self.cached_per_mtok, self.completion_per_mtok)
+
+
+def charge(tokens_prompt: int, tokens_prompt_cached: int, tokens_completion: int,
+           prompt_per_mtok: int, cached_per_mtok: int, completion_per_mtok: int) -> int:
+    """Credits for these tokens at these prices (per million tokens), rounded up."""
+    micro = ((tokens_prompt - tokens_prompt_cached) * prompt_per_mtok
+             + tokens_prompt_cached * cached_per_mtok + tokens_completion * completion_per_mtok)
+    cost = -(-micro // TOKENS_PER_PRICE_UNIT)  # ceiling division on integers
+    if not 0 <= cost <= CREDITS_MAX:
+        raise InvalidValue("cost out of range")
+    return cost
 
 
 def price_at(schedule: list[Prices], moment: datetime) -> Prices | None:

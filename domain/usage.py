@@ -8,14 +8,13 @@ primitives (`ROW_FIELDS`) so that projections can fold a million of them without
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
 from eventsourcing.domain import Aggregate
 
 from domain.errors import DuplicateRequest, InvalidValue
-from domain.pricing import Prices
+from domain.pricing import charge
 from domain.validation import COUNT_MAX, CREDITS_MAX, MODEL_NAME_CHARS_MAX
 
 ENTRIES_PER_BATCH_MAX = 5_000
@@ -60,8 +59,34 @@ class UsageEntry:
         return self.tokens_prompt + self.tokens_completion
 
     def validate(self) -> UsageEntry:
+        # Runs three times per request on the gateway's path: the common case is checked in one
+        # expression, and only a failing entry pays for finding which rule it broke.
+        p, c, o, cost = self.tokens_prompt, self.tokens_prompt_cached, self.tokens_completion, self.cost_credits
+        start, end = self.started_at_ms, self.finished_at_ms
+        if not (type(p) is int and type(c) is int and type(o) is int and type(cost) is int
+                and type(start) is int and type(end) is int and 0 <= c <= p <= COUNT_MAX and 0 <= o <= COUNT_MAX
+                and 0 <= cost <= CREDITS_MAX and 0 <= start <= end <= TIME_MS_MAX
+                and type(self.estimated) is bool and isinstance(self.project_id, UUID) and isinstance(self.key_id, UUID)
+                and type(self.deployment) is str and len(self.deployment) <= DEPLOYMENT_CHARS_MAX):
+            self._refuse_fields()
         _check_text(self.request_id, "request id", REQUEST_ID_CHARS_MAX)
         _check_text(self.model, "model", MODEL_NAME_CHARS_MAX)
+        prompt_price, completion_price, cached_price = self.price_prompt, self.price_completion, self.price_cached
+        if prompt_price is None and completion_price is None and cached_price is None:
+            return self  # recorded before prices were kept: the cost stands as charged
+        for name, price in (("price_prompt", prompt_price), ("price_completion", completion_price),
+                            ("price_cached", cached_price)):
+            if price is not None:
+                _check_int(price, name, CREDITS_MAX)
+        prompt_price = prompt_price or 0
+        charged = charge(p, c, o, prompt_price, prompt_price if cached_price is None else cached_price,
+                         completion_price or 0)
+        if charged != cost:  # a charge must be its tokens at its prices, to the credit
+            raise InvalidValue(f"cost {cost} is not the tokens at the entry's prices ({charged})")
+        return self
+
+    def _refuse_fields(self) -> None:
+        """Raise the error that names the first broken rule among the counts, times and identities."""
         if not isinstance(self.deployment, str) or len(self.deployment) > DEPLOYMENT_CHARS_MAX:
             raise InvalidValue("deployment must be text of at most 200 characters")
         if not isinstance(self.project_id, UUID) or not isinstance(self.key_id, UUID):
@@ -77,16 +102,7 @@ class UsageEntry:
             raise InvalidValue("a request cannot finish before it starts")
         if not isinstance(self.estimated, bool):
             raise InvalidValue("estimated must be a boolean")
-        prices = (self.price_prompt, self.price_completion, self.price_cached)
-        if any(p is not None for p in prices):
-            for name, price in zip(("price_prompt", "price_completion", "price_cached"), prices, strict=True):
-                _check_int(price, name, CREDITS_MAX)
-            charged = Prices(self.price_prompt or 0, self.price_completion or 0, datetime.now(UTC),
-                             self.price_cached).cost_credits(self.tokens_prompt, self.tokens_prompt_cached,
-                                                             self.tokens_completion)
-            if charged != self.cost_credits:  # a charge must be its tokens at its prices, to the credit
-                raise InvalidValue(f"cost {self.cost_credits} is not the tokens at the entry's prices ({charged})")
-        return self
+        raise InvalidValue("a usage entry's counts, times or identities are not valid")
 
     def to_row(self) -> Row:
         # Field by field, in ROW_FIELDS order: dataclasses.astuple deep-copies every value and cost

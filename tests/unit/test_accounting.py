@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import pytest
 
@@ -341,3 +341,31 @@ def test_an_entry_carries_its_prices_and_its_cost_must_be_its_tokens_at_them() -
     assert UsageEntry.from_row(legacy_row).price_prompt is None
     with pytest.raises(InvalidValue, match="fields"):
         UsageEntry.from_row(priced.to_row()[:5])
+
+
+class _DriverUuid(UUID):
+    """Database drivers hand out UUID subclasses (asyncpg's own type): entries built from them are valid."""
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"tokens_prompt": -1}, "tokens_prompt must be an integer"),
+    ({"tokens_completion": True}, "tokens_completion must be an integer"),
+    ({"tokens_prompt_cached": 2_000}, "cached prompt tokens exceed prompt tokens"),
+    ({"cost_credits": 1.0}, "cost_credits must be an integer"),
+    ({"finished_at_ms": -5}, "finished_at_ms must be an integer"),
+    ({"started_at_ms": 2}, "cannot finish before it starts"),
+    ({"estimated": 0}, "estimated must be a boolean"),
+    ({"project_id": "not-a-uuid"}, "must be UUIDs"),
+    ({"deployment": "d" * 201}, "deployment must be text"),
+    ({"model": ""}, "model must be printable text"),
+    ({"request_id": "r\n"}, "request id must be printable text"),
+    ({"price_prompt": -1}, "price_prompt must be an integer"),
+])
+def test_each_broken_rule_of_an_entry_is_named(change: dict[str, object], message: str) -> None:
+    fields = {"request_id": "r", "project_id": _DriverUuid(int=1), "key_id": _DriverUuid(int=2), "model": "m",
+              "deployment": "d", "tokens_prompt": 1_000, "tokens_prompt_cached": 200, "tokens_completion": 500,
+              "cost_credits": 1, "started_at_ms": 0, "finished_at_ms": 1, "estimated": False,
+              "price_prompt": 100, "price_completion": 300, "price_cached": 50}
+    assert UsageEntry(**fields).validate()  # type: ignore[arg-type]
+    with pytest.raises(InvalidValue, match=message):
+        UsageEntry(**(fields | change)).validate()  # type: ignore[arg-type]
