@@ -53,6 +53,8 @@ class _Connection(asyncio.Protocol):
         self.origin = origin
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self.deadline = 0.0
+        self.timer: asyncio.TimerHandle | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -80,6 +82,9 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.timer is not None:  # a pending timer would keep this connection alive until it fires
+            self.timer.cancel()
+            self.timer = None
         if self.headers_done and not self.framed and self.error is None:
             self.complete = True  # a body delimited by the end of the connection
         elif not self.complete and self.error is None:
@@ -116,15 +121,30 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
     async def wait(self, timeout_s: float) -> None:
-        """Until more arrives, or `timeout_s` of silence (httpx.ReadTimeout)."""
-        self.waiter = asyncio.get_running_loop().create_future()
+        """Until more arrives, or `timeout_s` of silence (httpx.ReadTimeout).
+
+        A stream waits once per event: rather than a timer per wait (asyncio.timeout schedules and cancels
+        one each time), the connection keeps one that, when it fires early, re-arms for the latest deadline."""
+        loop = asyncio.get_running_loop()
+        self.waiter = loop.create_future()
+        self.deadline = loop.time() + timeout_s
+        if self.timer is None or self.timer.when() > self.deadline:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer = loop.call_at(self.deadline, self._deadline_reached, loop)
         try:
-            async with asyncio.timeout(timeout_s):
-                await self.waiter
-        except TimeoutError:
-            raise httpx.ReadTimeout("the upstream sent nothing within the read timeout") from None
+            await self.waiter
         finally:
             self.waiter = None
+
+    def _deadline_reached(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.timer = None
+        if self.waiter is None or self.waiter.done():
+            return  # not waiting now: the next wait arms its own deadline
+        if loop.time() < self.deadline:
+            self.timer = loop.call_at(self.deadline, self._deadline_reached, loop)
+        else:
+            self.waiter.set_exception(httpx.ReadTimeout("the upstream sent nothing within the read timeout"))
 
 
 class Response:

@@ -115,6 +115,38 @@ async def test_failures_raise_httpx_exceptions() -> None:
     await client.aclose()
 
 
+async def test_the_read_timeout_counts_from_the_last_byte_of_a_stream() -> None:
+    """A stream that sends a chunk every 0.1 s for a second, then stalls: no timeout while it flows (the
+    read timeout, 0.5 s, is shorter than the whole), and one 0.5 s after the last chunk."""
+    async def trickle_then_stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        for _ in range(10):
+            writer.write(b"1\r\nx\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(5)
+    server, port = await _server(trickle_then_stall)
+    client = Http1Client()
+    timeout = httpx.Timeout(connect=2, read=0.5, write=2, pool=2)
+    response = await client.send(client.build_request("POST", f"http://127.0.0.1:{port}/", content=b"{}",
+                                                      headers={}, timeout=timeout))
+    loop = asyncio.get_running_loop()
+    received, last = b"", loop.time()
+
+    async def read_all() -> None:
+        nonlocal received, last
+        async for chunk in response.aiter_raw():
+            received, last = received + chunk, loop.time()
+    with pytest.raises(httpx.ReadTimeout):
+        await read_all()
+    assert received == b"x" * 10
+    assert 0.45 <= loop.time() - last < 1.0
+    await response.aclose()
+    await client.aclose()
+    server.close()
+
+
 @pytest.fixture
 def tls_files(tmp_path: Path) -> AsyncIterator[tuple[Path, Path]]:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
