@@ -28,36 +28,44 @@ def request_timeout_s() -> float:
 
 
 class DeadlineHttpToolsProtocol(HttpToolsProtocol):
-    _deadline: asyncio.TimerHandle | None = None
+    # One timer per connection, not one per request: a request sets when it is due, and the timer, when it
+    # fires before that, re-arms for it (scheduling and cancelling a timer per request costs the hot path).
+    _timer: asyncio.TimerHandle | None = None
+    _due: float | None = None  # when the request now arriving must have arrived; None between requests
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm()  # a connection that never sends a whole request is closed too
+        self._start_clock()  # a connection that never sends a whole request is closed too
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        if self._deadline is None:  # the next request on a kept-alive connection starts its own clock
-            self._arm()
+        if self._due is None:  # the next request on a kept-alive connection starts its own clock
+            self._start_clock()
 
     def on_message_complete(self) -> None:
-        self._disarm()
+        self._due = None
         super().on_message_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
+        self._due = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         super().connection_lost(exc)
 
-    def _arm(self) -> None:
-        self._disarm()
-        self._deadline = self.loop.call_later(request_timeout_s(), self._expired)
+    def _start_clock(self) -> None:
+        self._due = self.loop.time() + request_timeout_s()
+        if self._timer is None:
+            self._timer = self.loop.call_at(self._due, self._check)
 
-    def _disarm(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
-
-    def _expired(self) -> None:
-        self._deadline = None
+    def _check(self) -> None:
+        self._timer = None
+        if self._due is None:
+            return  # between requests: the next one arms the timer again
+        if self.loop.time() < self._due:
+            self._timer = self.loop.call_at(self._due, self._check)
+            return
+        self._due = None
         if not self.transport.is_closing():
             log.warning("closed a connection from %s: its request took over %.0f s to arrive",
                         self.client[0] if self.client else "?", request_timeout_s())
