@@ -183,8 +183,17 @@ class Follower:
             await conn.execute(f"UPDATE {SCHEMA}.positions SET position = 0")
             events = 0
             self.usage_entries_applied = 0
-            while applied := await self.advance(conn):
-                events += applied
+            # A page holds up to hundreds of thousands of decoded rows: with the cyclic GC on, building the
+            # read models' records triggers collections that walk all of them again and again. Nothing
+            # here forms cycles; the collector runs once at the end.
+            was_enabled = gc.isenabled()
+            gc.disable()
+            try:
+                while applied := await self.advance(conn):
+                    events += applied
+            finally:
+                if was_enabled:
+                    gc.enable()
             for projection in self.projections:
                 if getattr(projection, "indexes_rebuilt_after", ()):
                     await conn.execute(projection.ddl)  # CREATE INDEX IF NOT EXISTS: the dropped ones again
