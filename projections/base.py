@@ -15,6 +15,10 @@ from asyncpg.pool import PoolConnectionProxy
 
 Conn = asyncpg.Connection | PoolConnectionProxy  # a pooled connection proxies a plain one
 SCHEMA = "lwapi_read"
+# What a lost or restarting database raises through asyncpg: the server's errors, a connection closed
+# under a call (InterfaceError, InternalClientError), a socket error, a timeout. Followers retry on these.
+DATABASE_ERRORS: tuple[type[BaseException], ...] = (
+    TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
 
 
 @dataclass(frozen=True)

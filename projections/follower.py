@@ -10,6 +10,7 @@ NOTIFY wakes the follower; a poll every `poll_interval_s` covers a lost notifica
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import time
@@ -24,7 +25,7 @@ from domain.accounting import APPLICATION_NAME
 from domain.errors import invariant
 from domain.transcodings import make_transcoder
 from domain.usage import UsageBatch
-from projections.base import SCHEMA, Conn, Logged, Page, Projection
+from projections.base import DATABASE_ERRORS, SCHEMA, Conn, Logged, Page, Projection
 from projections.catalog import all_projections
 
 log = logging.getLogger(__name__)
@@ -134,16 +135,22 @@ class Follower:
         return Logged(position=row["notification_id"], event=self.mapper.to_domain_event(stored))
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Follow until `stop` is set; listens on the event store's channel to wake promptly."""
+        """Follow until `stop` is set; listens on the event store's channel to wake promptly, and starts
+        over on a fresh connection when the database goes away (restarted, unreachable)."""
+        while not stop.is_set():
+            try:
+                await self._follow(stop)
+            except DATABASE_ERRORS:
+                log.exception("projection follower: lost the database; retrying")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.poll_interval_s)
+
+    async def _follow(self, stop: asyncio.Event) -> None:
         listener = await self.pool.acquire()
         try:
             await listener.add_listener(EVENTS_CHANNEL, self._on_notify)
             while not stop.is_set():
-                try:
-                    await self.catch_up()
-                except (TimeoutError, asyncpg.PostgresError, OSError):
-                    log.exception("projection follower: catch-up failed; retrying")
-                    await asyncio.sleep(self.poll_interval_s)
+                await self.catch_up()
                 self._wake.clear()
                 waiter = asyncio.ensure_future(self._wake.wait())
                 stopper = asyncio.ensure_future(stop.wait())
@@ -151,9 +158,13 @@ class Follower:
                                    return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
                 stopper.cancel()
+                if listener.is_closed():  # notifications stopped with it: listen again on a new one
+                    raise ConnectionError("the listening connection closed")
         finally:
-            await listener.remove_listener(EVENTS_CHANNEL, self._on_notify)
-            await self.pool.release(listener)
+            with contextlib.suppress(*DATABASE_ERRORS):
+                await listener.remove_listener(EVENTS_CHANNEL, self._on_notify)
+            with contextlib.suppress(*DATABASE_ERRORS):
+                await self.pool.release(listener)
 
     def _on_notify(self, *_: object) -> None:
         self._wake.set()

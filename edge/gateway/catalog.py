@@ -22,7 +22,7 @@ import asyncpg
 from adapters.backends.token_count import Counter
 from domain.catalog import BackendKind
 from domain.pricing import Prices, price_at
-from projections.base import SCHEMA
+from projections.base import DATABASE_ERRORS, SCHEMA
 from projections.models import CHANGE_CHANNEL
 
 log = logging.getLogger(__name__)
@@ -121,14 +121,15 @@ class Catalog:
                         await asyncio.wait_for(self._stale.wait(), self.poll_interval_s)
                     self._stale.clear()
                     await self.load()
-            except (TimeoutError, asyncpg.PostgresError, OSError):
+            except DATABASE_ERRORS:
                 log.exception("catalog: reload failed; serving the last catalog")
                 await asyncio.sleep(self.poll_interval_s)
             finally:
                 if conn is not None:
                     with contextlib.suppress(Exception):
                         await conn.remove_listener(CHANGE_CHANNEL, self._on_change)
-                    await self.pool.release(conn)
+                    with contextlib.suppress(*DATABASE_ERRORS):
+                        await self.pool.release(conn)
 
     def _on_change(self, *_: object) -> None:
         self._stale.set()

@@ -22,7 +22,7 @@ import asyncpg
 
 from domain.api_key import KeyStatus, key_status
 from projections.api_keys import CHANGE_CHANNEL as KEYS_CHANNEL
-from projections.base import SCHEMA
+from projections.base import DATABASE_ERRORS, SCHEMA
 from projections.follower import PROJECTIONS_CHANNEL
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ class KeyIndex:
             while not stop.is_set():
                 try:
                     await self._listen(stop)
-                except (TimeoutError, asyncpg.PostgresError, OSError):
+                except DATABASE_ERRORS:
                     log.exception("key index: lost the listening connection; reconnecting")
                     await asyncio.sleep(self.poll_interval_s)
         finally:
@@ -156,7 +156,8 @@ class KeyIndex:
             with contextlib.suppress(Exception):
                 await conn.remove_listener(KEYS_CHANNEL, self._on_key)
                 await conn.remove_listener(PROJECTIONS_CHANNEL, self._on_projection)
-            await self.pool.release(conn)
+            with contextlib.suppress(*DATABASE_ERRORS):
+                await self.pool.release(conn)
 
     def _on_key(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         with contextlib.suppress(ValueError):
@@ -175,6 +176,6 @@ class KeyIndex:
                     changed, self._changed_keys = self._changed_keys, set()
                     await self.reload_keys(changed)
                 await self.refresh_budgets()
-            except (TimeoutError, asyncpg.PostgresError, OSError):
+            except DATABASE_ERRORS:
                 log.exception("key index: refresh failed; serving from the last snapshot")
             await asyncio.sleep(self.refresh_interval_s)
