@@ -44,6 +44,7 @@ class Outcome:
     content_events: int = 0
     text: list[str] = field(default_factory=list)
     measured: tuple[int, int, int, bool] | None = None  # counted during the response (told to the client)
+    charged: tuple[int, int] | None = None  # (tokens, credits) once the usage entry is on disk
 
     @property
     def delivered(self) -> bool:

@@ -199,8 +199,9 @@ class Gateway:
         try:
             response = await self._open_upstream(call)
             if payload.get("stream") is True:
-                outcome = StreamState()
-                await relay_stream(call, response, receive, send, ticket.headers, outcome)
+                outcome = stream = StreamState()
+                await relay_stream(call, response, receive, send, ticket.headers, stream,
+                                   lambda: self._meter(call, stream))
             else:
                 outcome = await self._relay_whole(call, response, send)
         finally:
@@ -283,23 +284,29 @@ class Gateway:
             data = msgspec.json.encode(decoded)
         assert call.route is not None
         body = rename_model(data, call.route.upstream_model, call.model.name)
+        await self._meter(call, outcome)
         await respond(send, 200, body, call.request_id, call.ticket.headers)
         return outcome
 
     async def _finish(self, call: Call, outcome: Outcome) -> None:
-        """Meter once: the usage entry to the spool, the reservation settled (also after failures)."""
+        """Meter once (if the response did not already), and settle the reservation (also after failures)."""
         if call.route is not None:
             call.route.in_flight -= 1
-        if call.counter is None or not outcome.delivered:  # no upstream answered, or nothing reached the client
-            await self.admission.settle(call.ticket, 0, 0)
-            return
+        await self._meter(call, outcome)
+        used, cost = outcome.charged or (0, 0)
+        await self.admission.settle(call.ticket, used, cost)
+
+    async def _meter(self, call: Call, outcome: Outcome) -> None:
+        """The usage entry to the spool, once. A complete answer calls this before its last bytes leave, so
+        that a client never holds a whole answer whose charge a crash could lose."""
+        if outcome.charged is not None or call.counter is None or not outcome.delivered:
+            return  # charged already, or no upstream answered, or nothing reached the client
         try:
             usage = await measure(outcome, call.endpoint, call.payload, call.counter)
         except asyncio.CancelledError:  # shut down while counting: the estimate goes on disk, then stop
             self._record(call, estimate(outcome, call.endpoint, call.payload))
             raise
-        cost = self._record(call, usage)
-        await self.admission.settle(call.ticket, usage[0] + usage[2], cost)
+        outcome.charged = (usage[0] + usage[2], self._record(call, usage))
 
     def _record(self, call: Call, usage: tuple[int, int, int, bool]) -> int:
         """The usage entry, on disk before anything else can be interrupted; returns its cost."""

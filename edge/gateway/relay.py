@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -26,14 +27,16 @@ if TYPE_CHECKING:
 
 
 async def relay_stream(call: Call, response: UpstreamResponse, receive: Receive, send: Send,
-                       headers: dict[str, str], state: StreamState) -> None:
+                       headers: dict[str, str], state: StreamState,
+                       before_end: Callable[[], Awaitable[None]]) -> None:
     """Relay until the upstream ends or the client leaves; `state` holds what passed, also when the
-    relay is cancelled (a shutdown past its grace period), so that the caller still meters it."""
+    relay is cancelled (a shutdown past its grace period), so that the caller still meters it.
+    `before_end` runs before the bytes that finish a complete stream leave (the caller meters there)."""
     raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                    (b"x-request-id", call.request_id.encode())]
     raw_headers += [(k.encode(), v.encode()) for k, v in headers.items()]
     await send({"type": "http.response.start", "status": 200, "headers": raw_headers})
-    relay = asyncio.ensure_future(_pump(call, response, send, state))
+    relay = asyncio.ensure_future(_pump(call, response, send, state, before_end))
     gone = asyncio.ensure_future(_client_gone(receive))
     try:
         await asyncio.wait({relay, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -53,7 +56,8 @@ async def relay_stream(call: Call, response: UpstreamResponse, receive: Receive,
         raise relay.exception()  # type: ignore[misc]
 
 
-async def _pump(call: Call, response: UpstreamResponse, send: Send, state: StreamState) -> None:
+async def _pump(call: Call, response: UpstreamResponse, send: Send, state: StreamState,
+                before_end: Callable[[], Awaitable[None]]) -> None:
     assert call.route is not None
     wants_usage = _wants_usage(call.payload)
     rename = Renamer(call.route.upstream_model, call.model.name)
@@ -68,6 +72,8 @@ async def _pump(call: Call, response: UpstreamResponse, send: Send, state: Strea
                 if wants_usage or not usage_only:
                     out.append(event + b"\n\n")
             if out:
+                if state.done:
+                    await before_end()
                 await send({"type": "http.response.body", "body": rename(b"".join(out)), "more_body": True})
             if state.done:
                 break
