@@ -169,8 +169,8 @@ class SharedAdmission:
         try:
             d = await self.store.admit(str(key.key_id), key.rpm_limit or 0, key.tpm_limit or 0, tokens_estimate,
                                        cost, request_id, [f"{kind}:{uid}" for kind, uid in budgets])
-        except RedisError:
-            self._degraded()
+        except RedisError as e:
+            self._degraded(e)
             return self.fallback.admit_now(key, request_id, tokens_estimate, cost)
         headers = self._headers(key, d.outcome, d.values)
         if d.outcome == "rpm":
@@ -200,31 +200,31 @@ class SharedAdmission:
             await self.store.settle(str(ticket.key.key_id), ticket.request_id, cost_credits, ticket.key.tpm_limit or 0,
                                     tokens_used - ticket.tokens_estimate,
                                     [f"{kind}:{uid}" for kind, uid in ticket.budgets])
-        except RedisError:
-            self._degraded()  # the reservation expires on its own deadline
+        except RedisError as e:
+            self._degraded(e)  # the reservation expires on its own deadline
 
     async def set_bases(self, bases: Sequence[tuple[Budget, int | None]], position: int) -> None:
         await self.fallback.set_bases(bases, position)
         try:
             await self.store.set_bases([(f"{kind}:{uid}", base) for (kind, uid), base in bases], position)
-        except RedisError:
-            self._degraded()
+        except RedisError as e:
+            self._degraded(e)
 
     async def recorded(self, request_ids: Sequence[str], position: int) -> None:
         await self.fallback.recorded(request_ids, position)
         try:
             await self.store.recorded(request_ids, position)
-        except RedisError:
-            self._degraded()
+        except RedisError as e:
+            self._degraded(e)
 
     def open_reservations(self) -> int:
         return self.fallback.open_reservations()
 
-    def _degraded(self) -> None:
+    def _degraded(self, error: RedisError) -> None:
         self.redis_failures += 1
         if self.redis_failures == 1 or self.redis_failures % 1000 == 0:
-            log.error("admission: Redis unreachable (%d failures); admitting with this process's state only",
-                      self.redis_failures)
+            log.error("admission: Redis unreachable (%d failures: %s); admitting with this process's state only",
+                      self.redis_failures, error)
 
 
 def _retry(value: str) -> float:

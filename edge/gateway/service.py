@@ -10,7 +10,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from adapters.backends.openai_compat import make_client
 from adapters.redis_admission import RedisAdmissionStore
@@ -27,7 +27,12 @@ log = logging.getLogger(__name__)
 SPOOL_FOLDER = "spool"
 STOP_TIMEOUT_S = 30.0
 DRAIN_TIMEOUT_S = 5.0  # streams cut at the end of the grace period need a moment to write their usage
-REDIS_TIMEOUT_S = 0.5  # a slow Redis must not stall requests: past this, admission falls back locally
+# Redis that is down (refused, unreachable) is known within REDIS_CONNECT_TIMEOUT_S, and admission falls back
+# to this process's own state. A reply merely slow — this process's event loop busy with a burst, Redis busy
+# — is waited for: the script may have run, and admitting locally as well would spend the budget twice.
+REDIS_CONNECT_TIMEOUT_S = 2.0
+REDIS_REPLY_TIMEOUT_S = 10.0
+REDIS_CONNECTIONS_MAX = 64  # a burst queues for a connection rather than opening hundreds at once
 
 
 @contextlib.asynccontextmanager
@@ -37,8 +42,10 @@ async def running_gateway(runtime: Runtime) -> AsyncIterator[Gateway]:
     redis_client = None
     admission: Admission
     if runtime.settings.redis_url:
-        redis_client = Redis.from_url(runtime.settings.redis_url, socket_timeout=REDIS_TIMEOUT_S,
-                                      socket_connect_timeout=REDIS_TIMEOUT_S)
+        pool = BlockingConnectionPool.from_url(runtime.settings.redis_url, max_connections=REDIS_CONNECTIONS_MAX,
+                                               timeout=REDIS_REPLY_TIMEOUT_S, socket_timeout=REDIS_REPLY_TIMEOUT_S,
+                                               socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S)
+        redis_client = Redis(connection_pool=pool)
         admission = SharedAdmission(RedisAdmissionStore(redis_client))
     else:
         admission = LocalAdmission()

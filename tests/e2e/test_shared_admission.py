@@ -31,8 +31,11 @@ async def _burst(urls: list[str], secret: str, n: int, **extra: object) -> list[
 
     async def one(i: int) -> str:
         try:
-            await clients[i % len(clients)].chat.completions.create(
+            answer = await clients[i % len(clients)].chat.completions.create(
                 model="llama", messages=[{"role": "user", "content": "x"}], **extra)  # type: ignore[call-overload]
+            if extra.get("stream"):
+                async for _ in answer:
+                    pass
         except openai.RateLimitError as e:
             return str(e.code)
         return "ok"
@@ -166,3 +169,48 @@ def test_redis_stopped_and_restarted_under_traffic(stack: Stack, database_url: s
         redis_proc.terminate()
         redis_proc.wait(timeout=10)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_two_processes_under_a_streaming_load_keep_limits_reservations_and_metering_exact(
+        stack: Stack, database_url: str, redis_url: str) -> None:
+    """600 concurrent streams over two gateway processes sharing Redis: a project whose balance covers 200
+    of them, and a key limited to 50 requests a minute. Exactly 200 and 50 are served, every one metered
+    once, the balance ends at zero."""
+    owner = stack.app.register_user("load@uni.edu", "Load")
+    project = stack.app.create_project(SYSTEM, "load", "Load", owner)
+    stack.app.grant_credits(SYSTEM, project, 200, "two hundred streams")  # 10 tokens × 2,000/Mtok → 1 credit each
+    _, budget_key = stack.app.create_key(SYSTEM, project, owner, KeySettings(name="budget"))
+    _, limited_key = stack.app.create_key(SYSTEM, stack.project_id, stack.user_id,
+                                          KeySettings(name="limited", rpm_limit=50))
+    services, folders = _two_services(stack, database_url, redis_url)
+    urls = [url for _, url in services]
+    try:
+        wait_for(lambda: all(_ready(u, k) for u in urls for k in (budget_key, limited_key)), 3)
+
+        async def both() -> tuple[list[str], list[str]]:
+            streaming = {"stream": True, "max_tokens": 10, "extra_body": {"fake_tokens": 10, "fake_delay_ms": 20}}
+            return await asyncio.gather(_burst(urls, budget_key, 500, **streaming),
+                                        _burst(urls, limited_key, 100, **streaming))
+        budget, limited = asyncio.run(both())
+        assert budget.count("ok") == 200 and budget.count("insufficient_quota") == 300
+        assert limited.count("ok") == 50 and limited.count("rate_limit_exceeded") == 50
+
+        def claims() -> tuple[int, int]:
+            with psycopg.connect(database_url) as conn:
+                row = conn.execute("SELECT count(*), count(DISTINCT request_id) FROM usage_request_claims"
+                                   ).fetchone()
+            return (row[0], row[1]) if row else (0, 0)
+
+        def balance() -> tuple[int, int, int] | None:
+            with psycopg.connect(database_url) as conn:
+                row = conn.execute("SELECT requests, charged_credits, remaining_credits FROM lwapi_read.balances "
+                                   "WHERE project_id = %s", (project,)).fetchone()
+            return (row[0], row[1], row[2]) if row else None
+        wait_for(lambda: claims()[0] >= 250, 20)
+        assert claims() == (250, 250)  # every served stream metered, once
+        wait_for(lambda: balance() == (200, 200, 0), 20)
+    finally:
+        for service, _ in services:
+            stop_service(service)
+        for f in folders:
+            shutil.rmtree(f, ignore_errors=True)
