@@ -10,8 +10,10 @@ balances would hold per worker, not per key.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import resource
 import signal
 
 import uvicorn
@@ -26,6 +28,7 @@ from edge.runtime import Runtime, ensure_first_admin
 from edge.settings import Settings
 
 WORKERS_MAX = 64
+OPEN_FILES_WANTED = 1_048_576
 
 
 def run(settings: Settings, workers: int = 1) -> None:
@@ -34,6 +37,7 @@ def run(settings: Settings, workers: int = 1) -> None:
     if workers > 1 and not settings.redis_url:
         raise InvalidValue("--workers > 1 needs LWAPI_REDIS_URL, so that rate limits and balances hold across "
                            "workers")
+    _allow_more_open_files()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream call is noise, and costs CPU
     database = Database.locate(settings.database_url, settings.data_dir)
@@ -53,6 +57,17 @@ def run(settings: Settings, workers: int = 1) -> None:
             uvicorn.run("edge.app:create_app_from_env", factory=True, workers=workers, **options)  # type: ignore[arg-type]
     finally:
         database.release()
+
+
+def _allow_more_open_files() -> None:
+    """Every open stream holds two sockets; distributions start services at a soft limit of 1,024 open
+    files, far below the hard one. Raise the soft limit to the hard one (workers inherit it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else OPEN_FILES_WANTED
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def _exit_cleanly(signum: int, _frame: object) -> None:

@@ -185,6 +185,7 @@ class Http1Client:
         self._open: set[_Connection] = set()
         self._heads: dict[str, tuple[Origin, bytes]] = {}
         self._slots = asyncio.Semaphore(connections_max)
+        self._waiting = 0  # requests waiting for a slot: idle connections are closed for them, not kept
         self._pool_timeout_s = pool_timeout_s
         self._tls = tls or ssl.create_default_context()
 
@@ -239,11 +240,16 @@ class Http1Client:
 
     async def _connect(self, request: Request) -> _Connection:
         scheme, host, port = request.origin
+        if self._slots.locked():
+            self._evict_idle()  # an idle connection to another upstream is worth less than this request
+        self._waiting += 1
         try:
             async with asyncio.timeout(self._pool_timeout_s):
                 await self._slots.acquire()
         except TimeoutError:
             raise httpx.PoolTimeout("too many upstream connections are open") from None
+        finally:
+            self._waiting -= 1
         loop = asyncio.get_running_loop()
         tls: dict[str, Any] = {"ssl": self._tls, "server_hostname": host} if scheme == "https" else {}
         try:
@@ -262,11 +268,17 @@ class Http1Client:
         """Back to the pool if the answer was read to its end and the server keeps the connection."""
         idle = self._idle.setdefault(conn.origin, [])
         if conn.complete and conn.error is None and conn.keep_alive and not conn.closed \
-                and len(idle) < KEEPALIVE_PER_HOST_MAX:
+                and len(idle) < KEEPALIVE_PER_HOST_MAX and not self._waiting:
             conn.chunks = []
             idle.append(conn)
         else:
             self._discard(conn)
+
+    def _evict_idle(self) -> None:
+        for idle in self._idle.values():
+            if idle:
+                self._discard(idle.pop(0))  # the longest idle
+                return
 
     def _discard(self, conn: _Connection) -> None:
         conn._close()

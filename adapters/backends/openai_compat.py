@@ -7,6 +7,7 @@ errors. One pooled client per process (`adapters.backends.http1`) serves every d
 
 from __future__ import annotations
 
+import resource
 from typing import Any
 
 import httpx
@@ -17,7 +18,7 @@ from adapters.backends.http1 import Http1Client, Request
 CONNECT_TIMEOUT_S = 5.0
 WRITE_TIMEOUT_S = 30.0
 POOL_TIMEOUT_S = 10.0
-CONNECTIONS_MAX = 1_000
+CONNECTIONS_MAX = 20_000
 
 _encoder = msgspec.json.Encoder()
 
@@ -25,7 +26,11 @@ ENDPOINT_PATHS = {"chat": "/chat/completions", "completions": "/completions", "e
 
 
 def make_client() -> Http1Client:
-    return Http1Client(connections_max=CONNECTIONS_MAX, pool_timeout_s=POOL_TIMEOUT_S)
+    # each relayed request holds two descriptors (the client's socket and the upstream's): the pool may use
+    # the larger part of what the process is allowed, leaving room for the database, files and listeners
+    allowed = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    connections = CONNECTIONS_MAX if allowed == resource.RLIM_INFINITY else min(CONNECTIONS_MAX, allowed // 2 - 100)
+    return Http1Client(connections_max=max(connections, 10), pool_timeout_s=POOL_TIMEOUT_S)
 
 
 def upstream_url(base_url: str, endpoint: str) -> str:

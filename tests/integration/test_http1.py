@@ -147,6 +147,33 @@ async def test_the_read_timeout_counts_from_the_last_byte_of_a_stream() -> None:
     server.close()
 
 
+async def test_a_full_pool_never_starves_a_waiting_request_while_connections_sit_idle() -> None:
+    """Two slots, two upstreams: requests to the second wait while the first's answers end; the finished
+    connections must go to the waiting requests (closed for them), not sit idle holding the slots."""
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                await _read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            await asyncio.sleep(0.3)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            await writer.drain()
+    first, first_port = await _server(slow)
+    second, second_port = await _server(slow)
+    client = Http1Client(connections_max=2, pool_timeout_s=1.5)
+    answers = await asyncio.gather(*(_body(client, f"http://127.0.0.1:{first_port}/") for _ in range(2)),
+                                   *(_body(client, f"http://127.0.0.1:{second_port}/") for _ in range(2)))
+    assert answers == [(200, b"ok")] * 4
+    # and a pool full of idle connections to one upstream gives way to a request for another
+    assert await _body(client, f"http://127.0.0.1:{first_port}/") == (200, b"ok")
+    assert await _body(client, f"http://127.0.0.1:{first_port}/") == (200, b"ok")
+    assert await _body(client, f"http://127.0.0.1:{second_port}/") == (200, b"ok")
+    await client.aclose()
+    first.close()
+    second.close()
+
+
 @pytest.fixture
 def tls_files(tmp_path: Path) -> AsyncIterator[tuple[Path, Path]]:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
