@@ -28,7 +28,7 @@ from adapters.spool import Spool
 from domain.api_key import KeyStatus, hash_secret, looks_like_secret
 from domain.catalog import BackendKind
 from domain.usage import UsageEntry
-from edge.gateway import errors, health
+from edge.gateway import errors, health, openapi
 from edge.gateway.admission import Admission, Ticket
 from edge.gateway.catalog import Catalog, CatalogModel, Route
 from edge.gateway.errors import GatewayError
@@ -94,7 +94,9 @@ class Gateway:
             return
         started = time.perf_counter()
         request_id = "req_" + os.urandom(16).hex()  # random like uuid4, at a seventh of the cost
-        path = scope["path"].removeprefix("/v1").rstrip("/") or "/"
+        path = scope["path"].removeprefix("/v1")
+        if not path.startswith("/models/"):  # a model id is decoded already: `%2F` must stay part of it
+            path = path.rstrip("/") or "/"
         status = 0
         scope["lwapi.model"] = ""
 
@@ -117,14 +119,16 @@ class Gateway:
 
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send, request_id: str, path: str) -> None:
         method = scope["method"]
-        if method == "GET" and path == "/models":
+        if method == "GET" and path in ("/models", "/models/"):
             await self._list_models(scope, send, request_id)
         elif method == "GET" and path.startswith("/models/"):
             await self._get_model(scope, send, request_id, path[len("/models/"):])
         elif path in ENDPOINTS and method == "POST":
             await self._inference(scope, receive, send, request_id, ENDPOINTS[path])
+        elif method == "GET" and path == "/openapi.json":
+            await respond(send, 200, openapi.DOCUMENT_JSON, request_id)
         elif path in ENDPOINTS:
-            raise GatewayError(405, f"Use POST for /v1{path}.", code="method_not_allowed")
+            raise GatewayError(405, f"Use POST for /v1{path}.", code="method_not_allowed", headers={"allow": "POST"})
         else:
             raise GatewayError(404, f"Unknown request URL: {method} /v1{path}.", code="unknown_url")
 
