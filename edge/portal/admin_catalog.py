@@ -23,12 +23,12 @@ from domain.pricing import Prices
 from domain.validation import label
 from edge import queries
 from edge.catalog_file import deployment_from_fields
-from edge.cli_support import parse_time
 from edge.portal.context import (
     AnyRequest,
     admin_actor,
     current_user,
     form_text,
+    form_time,
     pool_of,
     render,
     runtime_of,
@@ -36,6 +36,7 @@ from edge.portal.context import (
     take_notice,
     translator,
 )
+from edge.portal.form_guard import FORM_POST
 from edge.portal.routes import FORM
 
 FIELD_CHARS_MAX = 2_000
@@ -72,7 +73,7 @@ def _credits(form: Mapping[str, Any], name: str, *, optional: bool = False) -> i
 
 
 def _prices(form: Mapping[str, Any]) -> Prices:
-    effective = parse_time(_text(form, "effective_at") or None, "effective_at")
+    effective = form_time(form, "effective_at", FIELD_CHARS_MAX)
     return Prices(prompt_per_mtok=_credits(form, "price_prompt") or 0,
                   completion_per_mtok=_credits(form, "price_completion") or 0,
                   cached_prompt_per_mtok=_credits(form, "price_cached", optional=True),
@@ -113,7 +114,7 @@ async def after_change(request: AnyRequest) -> Template | Redirect:
     return await _page(request, notice=take_notice(request))
 
 
-@post("/admin/models")
+@post("/admin/models", **FORM_POST)
 async def add_model(request: AnyRequest, data: dict[str, Any] = FORM) -> Template | Redirect:
     def command(actor: Actor, form: Mapping[str, Any]) -> Notice:
         name = _text(form, "name")
@@ -123,7 +124,7 @@ async def add_model(request: AnyRequest, data: dict[str, Any] = FORM) -> Templat
     return await _apply(request, data, command)
 
 
-@post("/admin/models/{name:str}/deployments")
+@post("/admin/models/{name:str}/deployments", **FORM_POST)
 async def add_deployment(request: AnyRequest, name: str,
                          data: dict[str, Any] = FORM) -> Template | Redirect:
     def command(actor: Actor, form: Mapping[str, Any]) -> Notice:
@@ -134,7 +135,7 @@ async def add_deployment(request: AnyRequest, name: str,
     return await _apply(request, data, command)
 
 
-@post("/admin/models/{name:str}/deployments/{deployment:str}/remove")
+@post("/admin/models/{name:str}/deployments/{deployment:str}/remove", **FORM_POST)
 async def remove_deployment(request: AnyRequest, name: str, deployment: str,
                             data: dict[str, Any] = FORM) -> Template | Redirect:
     def command(actor: Actor, _form: Mapping[str, Any]) -> Notice:
@@ -144,7 +145,7 @@ async def remove_deployment(request: AnyRequest, name: str, deployment: str,
     return await _apply(request, data, command)
 
 
-@post("/admin/models/{name:str}/prices")
+@post("/admin/models/{name:str}/prices", **FORM_POST)
 async def change_prices(request: AnyRequest, name: str, data: dict[str, Any] = FORM) -> Template | Redirect:
     def command(actor: Actor, form: Mapping[str, Any]) -> Notice:
         prices = _prices(form)
@@ -153,7 +154,7 @@ async def change_prices(request: AnyRequest, name: str, data: dict[str, Any] = F
     return await _apply(request, data, command)
 
 
-@post("/admin/models/{name:str}/description")
+@post("/admin/models/{name:str}/description", **FORM_POST)
 async def describe(request: AnyRequest, name: str, data: dict[str, Any] = FORM) -> Template | Redirect:
     def command(actor: Actor, form: Mapping[str, Any]) -> Notice:
         text = _text(form, "description")
@@ -162,7 +163,7 @@ async def describe(request: AnyRequest, name: str, data: dict[str, Any] = FORM) 
     return await _apply(request, data, command)
 
 
-@post("/admin/models/{name:str}/remove")
+@post("/admin/models/{name:str}/remove", **FORM_POST)
 async def remove_model(request: AnyRequest, name: str, data: dict[str, Any] = FORM) -> Template | Redirect:
     def command(actor: Actor, _form: Mapping[str, Any]) -> Notice:
         runtime_of(request).accounting.change_model(actor, name, lambda m: m.remove())

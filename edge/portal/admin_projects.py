@@ -8,6 +8,7 @@ with it (their first single sign-on with that e-mail joins them to the account).
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 from uuid import UUID
@@ -17,12 +18,13 @@ from litestar.response import Redirect, Template
 
 from domain.access import Actor
 from domain.errors import DomainError, InvalidValue, ProjectCodeTaken, ProjectNotFound, UserNotFound
-from domain.validation import REASON_CHARS_MAX, clean_code, clean_email, clean_text, credits
+from domain.validation import REASON_CHARS_MAX, clean_code, clean_text, credits
 from edge import queries
 from edge.portal.context import (
     AnyRequest,
     admin_actor,
     current_user,
+    form_email,
     form_text,
     pool_of,
     render,
@@ -31,6 +33,7 @@ from edge.portal.context import (
     take_notice,
     translator,
 )
+from edge.portal.form_guard import FORM_POST
 from edge.portal.routes import FORM
 
 FIELD_CHARS_MAX = 500
@@ -55,11 +58,22 @@ def _text(form: Mapping[str, Any], name: str) -> str:
     return form_text(form, name, FIELD_CHARS_MAX)
 
 
+_WHOLE_NUMBER = re.compile(r"[+-]?(?:[0-9]+|[0-9]{1,3}(?:[,_][0-9]{3})+)")
+
+
 def _amount(form: Mapping[str, Any]) -> int:
-    try:
-        return int(_text(form, "amount").replace(",", "").replace("_", ""))
-    except ValueError:
-        raise InvalidValue("amount: a whole number of credits", rule="credits", field="amount") from None
+    """A whole number of credits; "," or "_" only between groups of three digits (never "1,5" read as 15)."""
+    text = _text(form, "amount")
+    if not _WHOLE_NUMBER.fullmatch(text):
+        raise InvalidValue("amount: a whole number of credits", rule="credits", field="amount")
+    return int(text.replace(",", "").replace("_", ""))
+
+
+def _kind(form: Mapping[str, Any]) -> str:
+    kind = _text(form, "kind") or "grant"
+    if kind not in ("grant", "correction"):
+        raise InvalidValue(f"not a kind of change: {kind!r}", rule="credit_kind", value=kind)
+    return kind
 
 
 def _project_id(form: Mapping[str, Any]) -> UUID:
@@ -87,14 +101,14 @@ async def _apply(request: AnyRequest, form: Mapping[str, Any],
     return Redirect("/admin/projects", status_code=303)
 
 
-@post("/admin/projects")
+@post("/admin/projects", **FORM_POST)
 async def create_project(request: AnyRequest, data: dict[str, Any] = FORM) -> Template | Redirect:
     accounting = runtime_of(request).accounting
 
     def command(actor: Actor, form: Mapping[str, Any]) -> Notice:
         # every input is checked before anything is saved: never a stray account or half a project
         code, name = clean_code(_text(form, "code")), clean_text(_text(form, "name"), "project_name")
-        email = clean_email(_text(form, "creator_email"))
+        email = form_email(form, "creator_email")
         try:
             accounting.find_project_by_code(code)
             raise ProjectCodeTaken(f"project code {code} is taken")
@@ -117,13 +131,13 @@ async def create_project(request: AnyRequest, data: dict[str, Any] = FORM) -> Te
     return await _apply(request, data, command)
 
 
-@post("/admin/projects/credits")
+@post("/admin/projects/credits", **FORM_POST)
 async def change_credits(request: AnyRequest, data: dict[str, Any] = FORM) -> Template | Redirect:
     accounting = runtime_of(request).accounting
 
     def command(actor: Actor, form: Mapping[str, Any]) -> Notice:
-        project_id, amount, reason = _project_id(form), _amount(form), _text(form, "reason")
-        if form.get("kind") == "correction":
+        project_id, kind, amount, reason = _project_id(form), _kind(form), _amount(form), _text(form, "reason")
+        if kind == "correction":
             accounting.correct_credits(actor, project_id, amount, reason)
         else:
             accounting.grant_credits(actor, project_id, amount, reason)

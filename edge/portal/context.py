@@ -8,7 +8,9 @@ page that follows a change shows it.
 from __future__ import annotations
 
 import asyncio
+import unicodedata
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -17,8 +19,9 @@ from litestar.response import Redirect, Template
 
 from domain.access import Actor
 from domain.errors import InvalidValue
-from domain.validation import label
+from domain.validation import EMAIL_CHARS_MAX, clean_email, label
 from edge import queries
+from edge.cli_support import parse_time
 from edge.portal.i18n import COOKIE, LANGUAGE_NAMES, Translator, negotiate
 from edge.runtime import Runtime
 
@@ -67,6 +70,14 @@ def render(request: AnyRequest, template: str, *, user: dict[str, Any] | None, s
         "project": None, "role": None, **context})
 
 
+CODE_CHARS_MAX = 40
+
+
+def plausible_code(code: str) -> bool:
+    """Whether a project code from a URL may be looked up at all (a NUL cannot be sent to PostgreSQL)."""
+    return 0 < len(code) <= CODE_CHARS_MAX and "\x00" not in code
+
+
 def take_notice(request: AnyRequest) -> str | None:
     """A message left by the change that redirected here (shown once)."""
     if not request.session:
@@ -86,11 +97,48 @@ async def admin_actor(request: AnyRequest) -> Actor | Redirect | Template:
 
 
 def form_text(form: Mapping[str, Any], name: str, chars_max: int) -> str:
-    """A form field as stripped text (a repeated field counts by its first value), bounded."""
+    """A form field as stripped text (a repeated field counts by its first value), bounded, without control
+    characters (a NUL cannot even be stored in PostgreSQL text: it would stop the read models)."""
     value = form.get(name, "")
     if isinstance(value, list):
         value = value[0] if value else ""
-    if not isinstance(value, str) or len(value) > chars_max:
+    if not isinstance(value, str):
+        raise InvalidValue(f"{label(name)} must be text", rule="text", field=name)
+    if len(value) > chars_max:
         raise InvalidValue(f"{label(name)}: text of at most {chars_max} characters",
                            rule="too_long", field=name, chars_max=chars_max)
+    if any((ord(c) < 32 and c not in "\t\n\r") or ord(c) == 127 for c in value):
+        raise InvalidValue(f"{label(name)} must not contain control characters", rule="control_chars", field=name)
     return value.strip()
+
+
+def form_email(form: Mapping[str, Any], name: str) -> str:
+    """An e-mail address from a form: as the domain cleans it, and without invisible or direction-changing
+    characters (zero-width spaces, bidi overrides), which make an address that looks like another."""
+    email = clean_email(form_text(form, name, EMAIL_CHARS_MAX))
+    if any(unicodedata.category(c)[0] in "CZ" for c in email):
+        shown = "".join(c if unicodedata.category(c)[0] not in "CZ" else f"\\u{ord(c):04x}" for c in email)
+        raise InvalidValue(f"not an e-mail address: {shown!r}", rule="email", value=shown)
+    return email
+
+
+# Times a form may give: the read models (PostgreSQL timestamptz through asyncpg) and date arithmetic
+# hold every one of them in any time zone, so an absurd year is refused here, never stored.
+TIME_EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+TIME_LATEST = datetime(9000, 1, 1, tzinfo=UTC)
+
+
+def form_time(form: Mapping[str, Any], name: str, chars_max: int) -> datetime | None:
+    """A form field as an ISO 8601 time (UTC when it names no zone) within [1970, 9000); empty: None."""
+    parsed = parse_time(form_text(form, name, chars_max) or None, name)
+    if parsed is None:
+        return None
+    try:
+        in_range = TIME_EARLIEST <= parsed < TIME_LATEST
+    except OverflowError:  # a zone that pushes the time past year 1 or 9999
+        in_range = False
+    if not in_range:
+        raise InvalidValue(f"{label(name)}: a time from {TIME_EARLIEST:%Y-%m-%d} up to {TIME_LATEST:%Y-%m-%d}",
+                           rule="time_range", field=name, earliest=f"{TIME_EARLIEST:%Y-%m-%d}",
+                           latest=f"{TIME_LATEST:%Y-%m-%d}")
+    return parsed

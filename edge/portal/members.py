@@ -19,10 +19,10 @@ from litestar.response import Redirect, Template
 from domain.access import Actor
 from domain.errors import DomainError, InvalidValue, PermissionDenied, UserNotFound
 from domain.project import Role
-from domain.validation import EMAIL_CHARS_MAX, clean_email
 from edge import queries
 from edge.portal.context import (
     AnyRequest,
+    form_email,
     form_text,
     pool_of,
     render,
@@ -31,6 +31,7 @@ from edge.portal.context import (
     take_notice,
     translator,
 )
+from edge.portal.form_guard import FORM_POST
 from edge.portal.project_pages import Visit, page_context, visit_of
 from edge.portal.routes import FORM
 
@@ -75,12 +76,12 @@ async def _change(request: AnyRequest, code: str, form: dict[str, Any],
     return Redirect(f"/projects/{visit.project['code']}/members", status_code=303)
 
 
-@post("/projects/{code:str}/members")
+@post("/projects/{code:str}/members", **FORM_POST)
 async def add_member(request: AnyRequest, code: str, data: dict[str, Any] = FORM) -> Template | Redirect:
     accounting = runtime_of(request).accounting
 
     def command(actor: Actor, project_id: UUID, form: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        email = clean_email(form_text(form, "email", EMAIL_CHARS_MAX))
+        email = form_email(form, "email")
         chosen = form_text(form, "role", 20) or "user"
         if chosen not in ("user", "manager"):
             raise InvalidValue(f"not a role a member can be given: {chosen!r}", rule="role", value=chosen)
@@ -95,22 +96,24 @@ async def add_member(request: AnyRequest, code: str, data: dict[str, Any] = FORM
     return await _change(request, code, data, command)
 
 
-@post("/projects/{code:str}/members/role")
+@post("/projects/{code:str}/members/role", **FORM_POST)
 async def change_role(request: AnyRequest, code: str, data: dict[str, Any] = FORM) -> Template | Redirect:
     accounting = runtime_of(request).accounting
 
     def command(actor: Actor, project_id: UUID, form: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         user_id = _member_id(form)
-        if form.get("role") == "creator":
+        chosen = form_text(form, "role", 20)
+        if chosen not in ("user", "manager", "creator"):  # never a silent demotion for a value the form never sends
+            raise InvalidValue(f"not a role a member can be given: {chosen!r}", rule="role", value=chosen)
+        if chosen == "creator":
             accounting.hand_over_creator(actor, project_id, user_id)
         else:
-            accounting.change_role(actor, project_id, user_id, Role.MANAGER if form.get("role") == "manager"
-                                   else Role.USER)
+            accounting.change_role(actor, project_id, user_id, Role(chosen))
         return "members.role_changed", {"name": accounting.get_user(user_id).display_name}
     return await _change(request, code, data, command)
 
 
-@post("/projects/{code:str}/members/remove")
+@post("/projects/{code:str}/members/remove", **FORM_POST)
 async def remove_member(request: AnyRequest, code: str, data: dict[str, Any] = FORM) -> Template | Redirect:
     accounting = runtime_of(request).accounting
 

@@ -22,11 +22,12 @@ from domain.api_key import KeySettings, key_status
 from domain.errors import DomainError, InvalidValue, KeyNotFound, PermissionDenied
 from domain.validation import label
 from edge import queries
-from edge.cli_support import parse_time
 from edge.portal.context import (
     AnyRequest,
     current_user,
     form_text,
+    form_time,
+    plausible_code,
     pool_of,
     render,
     runtime_of,
@@ -34,6 +35,7 @@ from edge.portal.context import (
     take_notice,
     translator,
 )
+from edge.portal.form_guard import FORM_POST
 from edge.portal.routes import FORM
 
 FIELD_CHARS_MAX = 500
@@ -61,7 +63,8 @@ async def visit_of(request: AnyRequest, code: str) -> Visit | Redirect | Templat
     user = await current_user(request)
     if user is None:
         return Redirect("/login")
-    project = await queries.project_by_code(pool_of(request), code, user["user_id"])
+    project = None if not plausible_code(code) else await queries.project_by_code(pool_of(request), code,
+                                                                                   user["user_id"])
     if project is None or (project["role"] is None and not user["is_admin"]):
         return render(request, "not_found.html", user=user, status_code=404)  # another's project: as if absent
     return Visit(user, project, project["role"])
@@ -147,13 +150,13 @@ def settings_from(form: Mapping[str, Any]) -> KeySettings:
         rpm_limit=_optional_int(form, "rpm_limit", "requests_per_minute"),
         tpm_limit=_optional_int(form, "tpm_limit", "tokens_per_minute"),
         cap_credits=_optional_int(form, "cap_credits", "usage_cap"),
-        valid_from=parse_time(_text(form, "valid_from") or None, "valid_from"),
-        valid_until=parse_time(_text(form, "valid_until") or None, "valid_until"),
+        valid_from=form_time(form, "valid_from", FIELD_CHARS_MAX),
+        valid_until=form_time(form, "valid_until", FIELD_CHARS_MAX),
         allowed_models=_models(form),
     )
 
 
-@post("/projects/{code:str}/keys")
+@post("/projects/{code:str}/keys", **FORM_POST)
 async def create_key(request: AnyRequest, code: str, data: dict[str, Any] = FORM) -> Template | Redirect:
     visit = await visit_of(request, code)
     if not isinstance(visit, Visit):
@@ -209,12 +212,12 @@ async def edit_key_page(request: AnyRequest, code: str, key_id: str) -> Template
     return render(request, "key_edit.html", **page_context(visit), key=key, models=models, error=None)
 
 
-@post("/projects/{code:str}/keys/{key_id:str}/edit")
+@post("/projects/{code:str}/keys/{key_id:str}/edit", **FORM_POST)
 async def edit_key(request: AnyRequest, code: str, key_id: str, data: dict[str, Any] = FORM) -> Template | Redirect:
     return await _change_key(request, code, key_id, data, revoke=False)
 
 
-@post("/projects/{code:str}/keys/{key_id:str}/revoke")
+@post("/projects/{code:str}/keys/{key_id:str}/revoke", **FORM_POST)
 async def revoke_key(request: AnyRequest, code: str, key_id: str, data: dict[str, Any] = FORM) -> Template | Redirect:
     return await _change_key(request, code, key_id, data, revoke=True)
 

@@ -20,9 +20,10 @@ from litestar.response import Stream
 
 from domain.api_key import KeyStatus, hash_secret, looks_like_secret
 from domain.errors import DomainError, InvalidValue, NotFound
+from domain.validation import MODEL_NAME_CHARS_MAX
 from edge import queries, reports
 from edge.cli_support import parse_uuid
-from edge.portal.context import AnyRequest, current_user, pool_of, translator
+from edge.portal.context import AnyRequest, current_user, plausible_code, pool_of, translator
 from edge.portal.i18n import COOKIE
 
 FORMATS = {"json": "application/json", "csv": "text/csv; charset=utf-8", "pdf": "application/pdf",
@@ -71,6 +72,8 @@ async def _project_for(request: AnyRequest, code: str) -> None:
     """Refuse unless the caller may read this project's reports."""
     key_project = _bearer_key_project(request)
     pool = pool_of(request)
+    if not plausible_code(code):
+        raise _Refused(404, "not_found", "no such project")
     if key_project is not None:
         project = await queries.project_by_code(pool, code, UUID(int=0))
         if project is None or project["project_id"] != key_project:
@@ -145,6 +148,8 @@ async def entries(request: AnyRequest, code: str, start: str = "", end: str = ""
         period = reports.Period.parse(start[:10] or None, end[:10] or None)
         await _project_for(request, code)
         key_id = parse_uuid(key[:60], "key") if key else None
+        if len(model) > MODEL_NAME_CHARS_MAX or "\x00" in model:  # PostgreSQL text holds no NUL
+            raise InvalidValue(f"not a model name: {model[:60]!r}", rule="model_name", value=model[:60])
         position = _as_of(as_of)
         pool = pool_of(request)
         await reports.as_of_position(pool, position)  # refuse a bad position before streaming starts

@@ -18,6 +18,7 @@ from adapters.passwords import verify_password
 from domain.errors import DomainError, UserNotFound
 from edge import queries
 from edge.portal.context import AnyRequest, current_user, pool_of, render, runtime_of, translator
+from edge.portal.form_guard import FORM_POST
 from edge.portal.i18n import COOKIE, LANGUAGES
 from edge.portal.sso import oidc_of, provider_logout_url
 from edge.throttle import LoginThrottle
@@ -25,6 +26,7 @@ from edge.throttle import LoginThrottle
 FORM = Body(media_type=RequestEncodingType.URL_ENCODED)
 LOGIN_FIELD_CHARS_MAX = 1024
 LANGUAGE_COOKIE_MAX_AGE_S = 400 * 24 * 3600
+NEXT_CHARS_MAX = 2_000  # where the language switch goes back to; a longer one goes home
 _throttle = LoginThrottle()
 
 
@@ -43,10 +45,10 @@ async def login_page(request: AnyRequest) -> Template:
     return render(request, "login.html", user=None, error=None, email="", sso_enabled=oidc_of(request) is not None)
 
 
-@post("/login")
-async def login(request: AnyRequest, data: dict[str, str] = FORM) -> Template | Redirect:
-    email = str(data.get("email", ""))[:LOGIN_FIELD_CHARS_MAX]
-    password = str(data.get("password", ""))[:LOGIN_FIELD_CHARS_MAX + 1]
+@post("/login", **FORM_POST)
+async def login(request: AnyRequest, data: dict[str, Any] = FORM) -> Template | Redirect:
+    email = _field(data, "email")[:LOGIN_FIELD_CHARS_MAX]
+    password = _field(data, "password")[:LOGIN_FIELD_CHARS_MAX + 1]
     address = request.client.host if request.client else "?"
     t = translator(request)
     if wait := _throttle.wait_s(email, address):
@@ -69,27 +71,36 @@ async def login(request: AnyRequest, data: dict[str, str] = FORM) -> Template | 
     return Redirect("/", status_code=303)
 
 
-@post("/logout")
+@post("/logout", **FORM_POST)
 async def logout(request: AnyRequest) -> Redirect:
     id_token = (request.session or {}).get("id_token")
     request.clear_session()
     return Redirect(await provider_logout_url(request, id_token) or "/login", status_code=303)
 
 
-@post("/language")
-async def choose_language(request: AnyRequest, data: dict[str, str] = FORM) -> Redirect:
+@post("/language", **FORM_POST)
+async def choose_language(request: AnyRequest, data: dict[str, Any] = FORM) -> Redirect:
     """Remember the language in a cookie and go back to the page the switch was on (same site only)."""
-    language = data.get("language", "")
-    back = _local_path(data.get("next", "/"))
+    language = _field(data, "language")
+    back = _local_path(_field(data, "next") or "/")
     response = Redirect(back, status_code=303)
     if language in LANGUAGES:
         response.set_cookie(COOKIE, language, max_age=LANGUAGE_COOKIE_MAX_AGE_S, httponly=True, samesite="lax")
     return response
 
 
+def _field(form: dict[str, Any], name: str) -> str:
+    """A form field as text: a repeated field counts by its first value; anything but text is empty."""
+    value = form.get(name, "")
+    if isinstance(value, list):
+        value = value[0] if value else ""
+    return value if isinstance(value, str) else ""
+
+
 def _local_path(target: Any) -> str:
-    """Only a path on this site: never an open redirect."""
-    if not isinstance(target, str) or not target.startswith("/") or target.startswith("//"):
+    """Only a path on this site, of a length a Location header carries: never an open redirect."""
+    if not isinstance(target, str) or not target.startswith("/") or target.startswith("//") \
+            or len(target) > NEXT_CHARS_MAX:
         return "/"
     parts = urlsplit(target)
     return parts.path + (f"?{parts.query}" if parts.query else "") if not parts.netloc else "/"
