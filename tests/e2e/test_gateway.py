@@ -223,6 +223,31 @@ def test_metrics_are_prometheus_text_without_a_key(stack: Stack) -> None:
     assert 'lwapi_upstream_in_flight{model="llama",deployment="fake"} 0' in text
 
 
+async def _burst_of_200(stack: Stack, secret: str, model: str, content: str, extra: dict[str, object]) -> list[str]:
+    """200 chat completions at once (max_tokens 10); "ok" or the error code of each."""
+    c = openai.AsyncOpenAI(base_url=stack.base_url, api_key=secret, max_retries=0, timeout=60,
+                           http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=200)))
+
+    async def one() -> str:
+        try:
+            await c.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
+                                            max_tokens=10, extra_body=extra)
+        except openai.RateLimitError as e:
+            return str(e.code)
+        return "ok"
+    try:
+        return await asyncio.gather(*(one() for _ in range(200)))
+    finally:
+        await c.close()
+
+
+def _charged_credits(database_url: str, project: object) -> int:
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute("SELECT charged_credits FROM lwapi_read.balances WHERE project_id = %s",
+                           (project,)).fetchone()
+    return row[0] if row else 0
+
+
 def test_two_hundred_concurrent_requests_on_a_balance_for_ten(stack: Stack, database_url: str) -> None:
     """Each request costs exactly 10 credits (10 completion tokens at 1 credit each, prompt free)."""
     owner = stack.app.register_user("tight@uni.edu", "Tight")
@@ -233,30 +258,9 @@ def test_two_hundred_concurrent_requests_on_a_balance_for_ten(stack: Stack, data
                         Prices(0, 1_000_000, datetime(2020, 1, 1, tzinfo=UTC)))
     wait_for(lambda: _works(stack, secret) and "exact" in [m.id for m in client(stack, secret).models.list()], 3)
 
-    async def one(c: openai.AsyncOpenAI) -> str:
-        try:
-            await c.chat.completions.create(model="exact", messages=[{"role": "user", "content": "x"}], max_tokens=10,
-                                            extra_body={"fake_tokens": 10, "fake_delay_ms": 5})
-        except openai.RateLimitError as e:
-            return str(e.code)
-        return "ok"
-
-    async def burst() -> list[str]:
-        c = openai.AsyncOpenAI(base_url=stack.base_url, api_key=secret, max_retries=0, timeout=60,
-                               http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=200)))
-        try:
-            return await asyncio.gather(*(one(c) for _ in range(200)))
-        finally:
-            await c.close()
-    outcomes = asyncio.run(burst())
+    outcomes = asyncio.run(_burst_of_200(stack, secret, "exact", "x", {"fake_tokens": 10, "fake_delay_ms": 5}))
     assert outcomes.count("ok") == 10 and outcomes.count("insufficient_quota") == 190
-
-    def spent() -> int:
-        with psycopg.connect(database_url) as conn:
-            row = conn.execute("SELECT charged_credits FROM lwapi_read.balances WHERE project_id = %s",
-                               (project,)).fetchone()
-        return row[0] if row else 0
-    wait_for(lambda: spent() == 100)
+    wait_for(lambda: _charged_credits(database_url, project) == 100)
 
 
 def test_concurrent_requests_with_dense_prompts_never_spend_beyond_the_balance(stack: Stack,
@@ -273,33 +277,12 @@ def test_concurrent_requests_with_dense_prompts_never_spend_beyond_the_balance(s
                         Prices(1_000_000, 1_000_000, datetime(2020, 1, 1, tzinfo=UTC)))
     wait_for(lambda: _works(stack, secret) and "dense" in [m.id for m in client(stack, secret).models.list()], 3)
 
-    async def one(c: openai.AsyncOpenAI) -> str:
-        try:
-            await c.chat.completions.create(model="dense", messages=[{"role": "user", "content": content}],
-                                            max_tokens=10, extra_body={"fake_tokens": 10, "fake_delay_ms": 5,
-                                                                       "fake_prompt_tokens": 600})
-        except openai.RateLimitError as e:
-            return str(e.code)
-        return "ok"
-
-    async def burst() -> list[str]:
-        c = openai.AsyncOpenAI(base_url=stack.base_url, api_key=secret, max_retries=0, timeout=60,
-                               http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=200)))
-        try:
-            return await asyncio.gather(*(one(c) for _ in range(200)))
-        finally:
-            await c.close()
-    outcomes = asyncio.run(burst())
+    outcomes = asyncio.run(_burst_of_200(stack, secret, "dense", content,
+                                         {"fake_tokens": 10, "fake_delay_ms": 5, "fake_prompt_tokens": 600}))
     succeeded = outcomes.count("ok")
     assert succeeded >= 1 and outcomes.count("insufficient_quota") == 200 - succeeded
-
-    def spent() -> int:
-        with psycopg.connect(database_url) as conn:
-            row = conn.execute("SELECT charged_credits FROM lwapi_read.balances WHERE project_id = %s",
-                               (project,)).fetchone()
-        return row[0] if row else 0
-    wait_for(lambda: spent() == succeeded * per_request)
-    assert spent() <= 10 * per_request
+    wait_for(lambda: _charged_credits(database_url, project) == succeeded * per_request)
+    assert _charged_credits(database_url, project) <= 10 * per_request
 
 
 def test_sigterm_lets_open_streams_finish_and_flushes_their_usage(stack: Stack, database_url: str) -> None:

@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from domain.catalog import BackendKind, Deployment
 from domain.pricing import Prices
 from tests.e2e.conftest import Stack, start_service, stop_service
 from tests.e2e.openai_shapes import ERROR, TEXT_COMPLETION, TEXT_COMPLETION_CHUNK, validate
+from tests.e2e.test_gateway import wait_for
 from tests.e2e.test_service import login
 
 MESSAGES = [{"role": "user", "content": "x"}]
@@ -39,15 +40,6 @@ _RESET = re.compile(r"(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m(?!s))?(?:(?P<s>\d+(?:\.\d+)
 
 def client(base_url: str, secret: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=base_url, api_key=secret, max_retries=0, timeout=30)
-
-
-def wait_for(predicate: Callable[[], object], timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError("condition not reached in time")
 
 
 def works(base_url: str, secret: str) -> bool:
