@@ -18,7 +18,7 @@ from eventsourcing.domain import Aggregate, event
 
 from domain.errors import DomainError, InvalidValue
 from domain.pricing import Prices, price_at
-from domain.validation import bounded_int, clean_model_name, clean_text
+from domain.validation import bounded_int, clean_model_name, clean_text, unicode_text
 
 DEPLOYMENTS_MAX = 64
 DESCRIPTION_CHARS_MAX = 2_000
@@ -195,8 +195,15 @@ class ServedModel(Aggregate):
 
 
 def _description(text: str) -> str:
-    text = (text or "").strip()
+    """Free text over several lines; other control characters (NUL above all, which no PostgreSQL text
+    holds) are refused."""
+    if text is not None and not isinstance(text, str):
+        raise InvalidValue("description must be text", rule="text", field="description")
+    text = (text or "").replace("\r\n", "\n").strip()
     if len(text) > DESCRIPTION_CHARS_MAX:
         raise InvalidValue(f"description must be at most {DESCRIPTION_CHARS_MAX} characters",
                            rule="too_long", field="description", chars_max=DESCRIPTION_CHARS_MAX)
-    return text
+    if any((ord(c) < 32 and c not in "\n\t") or ord(c) == 127 for c in text):
+        raise InvalidValue("description must not contain control characters", rule="control_chars",
+                           field="description")
+    return unicode_text(text, "description")

@@ -6,7 +6,7 @@ Imports: stdlib only.
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 
 from domain.errors import InvalidAmount, InvalidValue
 
@@ -16,6 +16,11 @@ MODEL_NAME_CHARS_MAX = 200
 REASON_CHARS_MAX = 500
 CREDITS_MAX = 10**15  # a quadrillion smallest units: far above any real budget, far below int64
 COUNT_MAX = 10**9
+
+# Times an aggregate may hold: the read models (PostgreSQL timestamptz through asyncpg) and date arithmetic
+# hold every one of them in any time zone. A time outside would be an event no read model can apply.
+TIME_EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+TIME_LATEST = datetime(9000, 1, 1, tzinfo=UTC)
 
 _CODE_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{1,39}$")
 _EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
@@ -39,6 +44,15 @@ def clean_text(value: str, field: str, *, chars_max: int = NAME_CHARS_MAX) -> st
                            rule="too_long", field=field, chars_max=chars_max)
     if any(ord(c) < 32 or ord(c) == 127 for c in text):
         raise InvalidValue(f"{label(field)} must not contain control characters", rule="control_chars", field=field)
+    return unicode_text(text, field)
+
+
+def unicode_text(text: str, field: str) -> str:
+    """Refuse lone surrogates (what undecodable bytes in a command line become): no store holds them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidValue(f"{label(field)} must be valid Unicode text", rule="encoding", field=field) from None
     return text
 
 
@@ -86,9 +100,18 @@ def credits(value: object, field: str, *, low: int = 0) -> int:
 
 
 def aware(value: datetime | None, field: str) -> datetime | None:
-    """Times are compared across processes and zones: refuse naive datetimes."""
+    """Times are compared across processes and zones: refuse naive datetimes, and those outside
+    [TIME_EARLIEST, TIME_LATEST)."""
     if value is None:
         return None
     if not isinstance(value, datetime) or value.tzinfo is None or value.utcoffset() is None:
         raise InvalidValue(f"{label(field)} must be a timezone-aware time", rule="aware_time", field=field)
+    try:
+        in_range = TIME_EARLIEST <= value < TIME_LATEST
+    except OverflowError:  # a zone that pushes the time past year 1 or 9999
+        in_range = False
+    if not in_range:
+        raise InvalidValue(f"{label(field)}: a time from {TIME_EARLIEST:%Y-%m-%d} up to {TIME_LATEST:%Y-%m-%d}",
+                           rule="time_range", field=field, earliest=f"{TIME_EARLIEST:%Y-%m-%d}",
+                           latest=f"{TIME_LATEST:%Y-%m-%d}")
     return value

@@ -87,8 +87,10 @@ def create_app(settings: Settings) -> Litestar:
             for m, r in routes]
         head = await runtime.follower.head()
         lag = head - min((await runtime.follower.positions()).values(), default=0)
+        set_aside = max((await runtime.follower.set_aside_counts()).values(), default=0)
         extra = ["# TYPE lwapi_upstream_in_flight gauge", *lines, "# TYPE lwapi_projection_lag_events gauge",
-                 f"lwapi_projection_lag_events {lag}"]
+                 f"lwapi_projection_lag_events {lag}", "# TYPE lwapi_projection_events_set_aside gauge",
+                 f"lwapi_projection_events_set_aside {set_aside}"]
         return bytes(gateway.metrics.render()) + ("\n".join(extra) + "\n").encode()
 
     @asgi("/v1", is_mount=True, copy_scope=False)

@@ -279,7 +279,18 @@ def projections() -> None:
 def projections_status(ctx: click.Context, as_json: bool) -> None:
     with runtime(ctx) as rt:
         report = read(rt, queries.projection_status)
-    emit(report, as_json, lambda r: table(r, ["projection", "position", "head", "lag_events"]))
+    emit(report, as_json, lambda r: table(r, ["projection", "position", "head", "lag_events", "set_aside_events"]))
+
+
+@projections.command("set-aside")
+@json_option
+@click.pass_context
+@handles_errors
+def projections_set_aside(ctx: click.Context, as_json: bool) -> None:
+    """Events a read model could not apply and skipped; fix the cause, then `projections rebuild`."""
+    with runtime(ctx) as rt:
+        report = read(rt, queries.set_aside_events)
+    emit(report, as_json, lambda r: table(r, ["position", "projection", "topic", "error", "at"]))
 
 
 @projections.command("rebuild")

@@ -91,8 +91,15 @@ async def projection_status(pool: asyncpg.Pool) -> list[dict[str, Any]]:
     follower = Follower(pool)
     head = await follower.head()
     positions = await follower.positions()
-    return [{"projection": name, "position": pos, "head": head, "lag_events": head - pos}
-            for name, pos in positions.items()]
+    set_aside = await follower.set_aside_counts()
+    return [{"projection": name, "position": pos, "head": head, "lag_events": head - pos,
+             "set_aside_events": set_aside[name]} for name, pos in positions.items()]
+
+
+async def set_aside_events(pool: asyncpg.Pool) -> list[dict[str, Any]]:
+    from projections.follower import Follower  # noqa: PLC0415
+
+    return await Follower(pool).set_aside()
 
 
 async def rebuild(pool: asyncpg.Pool) -> dict[str, Any]:
@@ -117,7 +124,8 @@ async def health(pool: asyncpg.Pool) -> dict[str, Any]:
     status = await projection_status(pool)
     return {"database": "ok", "server_version": await pool.fetchval("SHOW server_version"),
             "append_only_guard": guard == 6, "hash_chain": chained == 1, "events": status[0]["head"] if status else 0,
-            "max_projection_lag_events": max((s["lag_events"] for s in status), default=0)}
+            "max_projection_lag_events": max((s["lag_events"] for s in status), default=0),
+            "set_aside_events": max((s["set_aside_events"] for s in status), default=0)}
 
 
 async def models(pool: asyncpg.Pool, include_removed: bool = False) -> list[dict[str, Any]]:

@@ -19,6 +19,13 @@ SCHEMA = "lwapi_read"
 # under a call (InterfaceError, InternalClientError), a socket error, a timeout. Followers retry on these.
 DATABASE_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
+# What a read model raises for an event it can never apply, however often it is retried: a value
+# PostgreSQL refuses (class 22, or asyncpg refusing to encode an argument), a broken constraint
+# (class 23), or the projection's own code failing on the event. The follower sets such an event aside
+# for that read model instead of retrying it for ever with every read model stopped behind it.
+DATA_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, ValueError, TypeError, LookupError,
+    ArithmeticError, AttributeError)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,11 @@ applied to every projection that has not seen it, and the projections' tracked p
 the same transaction, under one advisory lock: a crash mid-page rolls the whole page back, and a
 second follower (another process) waits instead of applying the page twice. The event store's
 NOTIFY wakes the follower; a poll every `poll_interval_s` covers a lost notification.
+
+An event a read model can never apply (a value PostgreSQL refuses, an event this code cannot decode)
+would otherwise stop every read model for good: the follower applies such a page again event by event,
+sets the failing event aside for the read models that refused it (table `set_aside`, logged, counted
+in `projections status`), and goes on. A rebuild tries set-aside events again.
 """
 
 from __future__ import annotations
@@ -20,12 +25,13 @@ from typing import Any
 
 import asyncpg
 from eventsourcing.persistence import Mapper, StoredEvent
+from eventsourcing.utils import TopicError
 
 from domain.accounting import APPLICATION_NAME
 from domain.errors import invariant
 from domain.transcodings import make_transcoder
 from domain.usage import UsageBatch
-from projections.base import DATABASE_ERRORS, SCHEMA, Conn, Logged, Page, Projection
+from projections.base import DATA_ERRORS, DATABASE_ERRORS, SCHEMA, Conn, Logged, Page, Projection
 from projections.catalog import all_projections
 
 log = logging.getLogger(__name__)
@@ -37,6 +43,9 @@ ADVISORY_LOCK_KEY = 7_303_010_001  # "lwapi projections": one writer of read mod
 PAGE_EVENTS_MAX = 100
 POLL_INTERVAL_S = 1.0
 STATEMENT_TIMEOUT_MS = 60_000
+SET_ASIDE_TABLE = f"{SCHEMA}.set_aside"
+ALL_PROJECTIONS = "*"  # set aside for every read model: the event could not be decoded
+UNDECODABLE: tuple[type[BaseException], ...] = (*DATA_ERRORS, TopicError)
 
 _SELECT_PAGE = (f"SELECT notification_id, originator_id, originator_version, topic, state FROM {EVENTS_TABLE} "
                 "WHERE notification_id > $1 ORDER BY notification_id LIMIT $2")
@@ -73,6 +82,9 @@ class Follower:
             await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}")
             await conn.execute(f"CREATE TABLE IF NOT EXISTS {SCHEMA}.positions "
                                "(projection text PRIMARY KEY, position bigint NOT NULL)")
+            await conn.execute(f"CREATE TABLE IF NOT EXISTS {SET_ASIDE_TABLE} (position bigint NOT NULL, "
+                               "projection text NOT NULL, topic text NOT NULL, error text NOT NULL, "
+                               "at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (position, projection))")
             for projection in self.projections:
                 await conn.execute(projection.ddl)
                 await conn.execute(f"INSERT INTO {SCHEMA}.positions VALUES ($1, 0) ON CONFLICT DO NOTHING",
@@ -106,17 +118,70 @@ class Follower:
         rows = await conn.fetch(_SELECT_PAGE, start, self.page_events_max)
         if not rows:
             return 0
-        page = self._decode_page(rows)
+        try:
+            async with conn.transaction():  # a savepoint: a page a read model refuses is applied again below
+                page = self._decode_page(rows)
+                await self._apply(conn, page, positions)
+        except UNDECODABLE:
+            log.exception("projection follower: events %d..%d refused; applying them one by one",
+                          rows[0]["notification_id"], rows[-1]["notification_id"])
+            page = await self._apply_one_by_one(conn, rows, positions)
         self.usage_entries_applied += sum(len(p.event.rows) for p in page if isinstance(p.event, UsageBatch.Recorded))
+        last = rows[-1]["notification_id"]
+        await conn.execute(f"UPDATE {SCHEMA}.positions SET position = greatest(position, $1)", last)
+        await conn.execute("SELECT pg_notify($1, $2)", PROJECTIONS_CHANNEL, str(last))
+        return len(rows)
+
+    async def _apply(self, conn: Conn, page: Page, positions: dict[str, int]) -> None:
         for projection in self.projections:
             seen = positions[projection.name]
             unseen = page if seen < page[0].position else Page(p for p in page if p.position > seen)
             if unseen:
                 await projection.apply(conn, unseen)
-        last = page[-1].position
-        await conn.execute(f"UPDATE {SCHEMA}.positions SET position = greatest(position, $1)", last)
-        await conn.execute("SELECT pg_notify($1, $2)", PROJECTIONS_CHANNEL, str(last))
-        return len(page)
+
+    async def _apply_one_by_one(self, conn: Conn, rows: list[asyncpg.Record], positions: dict[str, int]) -> Page:
+        """Each event of `rows` to each read model under its own savepoint; what a read model refuses is
+        set aside for it. Returns the events decoded."""
+        page = Page()
+        for row in rows:
+            try:
+                logged = self._decode(row)
+            except UNDECODABLE as error:
+                await self._set_aside(conn, row["notification_id"], ALL_PROJECTIONS, row["topic"], error)
+                continue
+            page.append(logged)
+            for projection in self.projections:
+                if logged.position <= positions[projection.name]:
+                    continue
+                try:
+                    async with conn.transaction():
+                        await projection.apply(conn, Page([logged]))
+                except DATA_ERRORS as error:
+                    await self._set_aside(conn, logged.position, projection.name, row["topic"], error)
+        return page
+
+    async def _set_aside(self, conn: Conn, position: int, projection: str, topic: str, error: BaseException) -> None:
+        reason = f"{type(error).__name__}: {error}"[:1000].replace("\x00", "\\x00")
+        log.error("projection follower: event %d (%s) set aside for %s: %s", position, topic, projection, reason)
+        await conn.execute(f"INSERT INTO {SET_ASIDE_TABLE} (position, projection, topic, error) "
+                           "VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING", position, projection, topic, reason)
+
+    async def set_aside_counts(self) -> dict[str, int]:
+        """Per read model, how many events it has set aside (those no read model could decode count for all)."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(f"SELECT projection, count(*) AS n FROM {SET_ASIDE_TABLE} GROUP BY projection")
+        found = {r["projection"]: r["n"] for r in rows}
+        every = found.get(ALL_PROJECTIONS, 0)
+        return {p.name: found.get(p.name, 0) + every for p in self.projections}
+
+    async def set_aside(self, conn: Conn | None = None) -> list[dict[str, Any]]:
+        """The events set aside, oldest first."""
+        if conn is None:
+            async with self.pool.acquire() as c:
+                return await self.set_aside(c)
+        rows = await conn.fetch(f"SELECT position, projection, topic, error, at FROM {SET_ASIDE_TABLE} "
+                                "ORDER BY position, projection")
+        return [dict(r) for r in rows]
 
     def _decode_page(self, rows: list[asyncpg.Record]) -> Page:
         """Decoding a page allocates up to millions of lists that cannot form cycles; with the cyclic
@@ -192,6 +257,7 @@ class Follower:
                 for index in getattr(projection, "indexes_rebuilt_after", ()):
                     await conn.execute(f"DROP INDEX IF EXISTS {SCHEMA}.{index}")
             await conn.execute(f"UPDATE {SCHEMA}.positions SET position = 0")
+            await conn.execute(f"DELETE FROM {SET_ASIDE_TABLE}")  # tried again below
             events = 0
             self.usage_entries_applied = 0
             # A page holds up to hundreds of thousands of decoded rows: with the cyclic GC on, building the

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import unicodedata
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -19,7 +19,7 @@ from litestar.response import Redirect, Template
 
 from domain.access import Actor
 from domain.errors import InvalidValue
-from domain.validation import EMAIL_CHARS_MAX, clean_email, label
+from domain.validation import EMAIL_CHARS_MAX, aware, clean_email, label
 from edge import queries
 from edge.cli_support import parse_time
 from edge.portal.i18n import COOKIE, LANGUAGE_NAMES, Translator, negotiate
@@ -122,23 +122,6 @@ def form_email(form: Mapping[str, Any], name: str) -> str:
     return email
 
 
-# Times a form may give: the read models (PostgreSQL timestamptz through asyncpg) and date arithmetic
-# hold every one of them in any time zone, so an absurd year is refused here, never stored.
-TIME_EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
-TIME_LATEST = datetime(9000, 1, 1, tzinfo=UTC)
-
-
 def form_time(form: Mapping[str, Any], name: str, chars_max: int) -> datetime | None:
     """A form field as an ISO 8601 time (UTC when it names no zone) within [1970, 9000); empty: None."""
-    parsed = parse_time(form_text(form, name, chars_max) or None, name)
-    if parsed is None:
-        return None
-    try:
-        in_range = TIME_EARLIEST <= parsed < TIME_LATEST
-    except OverflowError:  # a zone that pushes the time past year 1 or 9999
-        in_range = False
-    if not in_range:
-        raise InvalidValue(f"{label(name)}: a time from {TIME_EARLIEST:%Y-%m-%d} up to {TIME_LATEST:%Y-%m-%d}",
-                           rule="time_range", field=name, earliest=f"{TIME_EARLIEST:%Y-%m-%d}",
-                           latest=f"{TIME_LATEST:%Y-%m-%d}")
-    return parsed
+    return aware(parse_time(form_text(form, name, chars_max) or None, name), name)

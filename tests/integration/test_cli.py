@@ -84,8 +84,11 @@ def test_administration_flow(lwapi) -> None:
     assert roles == {"ra@uni.edu": "creator", "lead@uni.edu": "manager"}
     status = json.loads(lwapi("projections", "status", "--json").stdout)
     assert all(s["lag_events"] == 0 for s in status)
+    assert all(s["set_aside_events"] == 0 for s in status)
+    assert lwapi("projections", "set-aside").stdout.strip() == "(none)"
     assert "rebuilt 9 read models" in lwapi("projections", "rebuild").stdout
     checked = json.loads(lwapi("db", "check", "--json").stdout)
+    assert checked["set_aside_events"] == 0
     assert checked["append_only_guard"] is True and checked["hash_chain"] is True
 
 
@@ -118,7 +121,14 @@ def test_refused_commands_write_nothing(lwapi, database_url: str) -> None:
                  ["project", "create", "p1", "--name", "again", "--creator", "a@uni.edu"],
                  ["user", "add", "A@uni.edu", "--name", "dup"],
                  ["key", "create", "p1", "--owner", "a@uni.edu", "--name", "k", "--rpm", "0"],
-                 ["key", "create", "p1", "--owner", "a@uni.edu", "--name", "k", "--valid-from", "yesterday"]):
+                 ["key", "create", "p1", "--owner", "a@uni.edu", "--name", "k", "--valid-from", "yesterday"],
+                 # times and text no read model could hold: refused before they become events
+                 ["key", "create", "p1", "--owner", "a@uni.edu", "--name", "k", "--valid-until",
+                  "9999-12-31T23:00:00-05:00"],
+                 ["key", "create", "p1", "--owner", "a@uni.edu", "--name", "k", "--valid-from", "1900-01-01"],
+                 ["key", "create", "p1", "--owner", "a@uni.edu", "--name", "bad\udcffbyte"],  # argv byte 0xff
+                 ["model", "add", "m1", "--backend", "openai", "--base-url", "http://127.0.0.1:9",
+                  "--description", "bell\x07"]):
         done = lwapi(*args, ok=False)
         assert done.returncode == 1, (args, done.stderr)
         assert done.stderr.startswith("error: ")
@@ -203,6 +213,23 @@ async def test_rebuild_through_the_cli_leaves_the_read_models_unchanged(lwapi, d
         await db.close()
     assert after == before
     assert before["usage_rollups"] and len(before["users"]) == 6
+
+
+def test_events_set_aside_are_counted_and_listed(lwapi, database_url: str) -> None:
+    app = accounting(database_url)
+    sample_history(app, random.Random(5), projects=1, batches=1)
+    model = app.get_model("a")
+    model._description_changed(description="nul\x00inside")  # as a release that did not check it stored it
+    app.save(model)
+    status = {s["projection"]: s for s in json.loads(lwapi("projections", "status", "--json").stdout)}
+    assert status["models"]["set_aside_events"] == 1 and status["models"]["lag_events"] == 0
+    assert status["projects"]["set_aside_events"] == 0
+    listed = json.loads(lwapi("projections", "set-aside", "--json").stdout)
+    assert [(r["projection"], r["topic"]) for r in listed] == [
+        ("models", "domain.catalog:ServedModel.DescriptionChanged")]
+    assert "invalid byte sequence" in listed[0]["error"]
+    assert "DescriptionChanged" in lwapi("projections", "set-aside").stdout
+    assert json.loads(lwapi("db", "check", "--json").stdout)["set_aside_events"] == 1
 
 
 def test_data_dir_alone_starts_and_stops_the_embedded_server() -> None:
