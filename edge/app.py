@@ -37,6 +37,7 @@ from edge.portal.project_pages import project_routes
 from edge.portal.report_routes import report_routes
 from edge.portal.routes import portal_routes
 from edge.portal.sso import sso_routes
+from edge.portal.unmatched import unmatched_handlers
 from edge.portal.usage_page import usage_routes
 from edge.runtime import Runtime, load_pepper
 from edge.settings import Settings
@@ -114,7 +115,7 @@ def create_app(settings: Settings) -> Litestar:
                                         exclude=["/v1", "/metrics", "/healthz", "/static", "/vendor"]).middleware],
         csrf_config=CSRFConfig(secret=_derived(master, "portal-csrf").hex(), exclude=["/v1", "/healthz"],
                                cookie_httponly=True, cookie_samesite="lax", cookie_secure=secure),
-        exception_handlers={500: _internal_error},
+        exception_handlers={500: _internal_error, **unmatched_handlers(security_headers(settings))},
         response_headers=security_headers(settings),
         debug=False,
     )
