@@ -47,6 +47,7 @@ class Route:
     in_flight: int = 0
     failures: int = 0
     out_until: float = 0.0  # time.monotonic() until which the deployment is out of rotation
+    answered_at: float = 0.0  # time.monotonic() of its last answer, to a request or a probe
 
     def in_rotation(self, now: float) -> bool:
         return now >= self.out_until

@@ -58,7 +58,7 @@ async def running_gateway(runtime: Runtime) -> AsyncIterator[Gateway]:
         await admission.recorded(batch.request_ids, batch.position)
 
     spool = Spool(runtime.settings.data_dir / SPOOL_FOLDER, runtime.accounting, on_recorded=recorded)
-    client = make_client()
+    client, probes = make_client(), health.probe_client()
     metrics = Metrics()
     metrics.gauges["lwapi_spool_depth_entries"] = spool.depth
     metrics.gauges["lwapi_keys_indexed"] = lambda: len(index)
@@ -69,7 +69,7 @@ async def running_gateway(runtime: Runtime) -> AsyncIterator[Gateway]:
     tasks = [asyncio.create_task(index.follow(stop), name="key-index"),
              asyncio.create_task(catalog.follow(stop), name="catalog"),
              asyncio.create_task(spool.run(spool_stop), name="usage-spool"),
-             asyncio.create_task(health.watch(catalog, client, stop, runtime.settings.health_interval_s),
+             asyncio.create_task(health.watch(catalog, probes, stop, runtime.settings.health_interval_s),
                                  name="deployment-health")]
     try:
         yield gateway
@@ -87,5 +87,6 @@ async def running_gateway(runtime: Runtime) -> AsyncIterator[Gateway]:
                 log.error("gateway: %s failed", task.get_name(), exc_info=task.exception())
         spool.close()
         await client.aclose()
+        await probes.aclose()
         if redis_client is not None:
             await redis_client.aclose()
