@@ -65,7 +65,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -81,6 +81,7 @@ PEPPER = bytes(range(32))
 MODEL = "bench"
 UPSTREAM_MODEL = "fake-upstream"
 GRANT_CREDITS = 10**15
+PROMPT_PER_MTOK, COMPLETION_PER_MTOK = 1000, 2000  # the model's prices (credits per million tokens)
 NS_TOKENS = 16  # completion tokens of a non-streaming answer
 STREAM_TOKENS = 64
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -219,10 +220,42 @@ class Stack:
     secret: str
     data_dir: Path
     log_path: Path
+    worker_pids: list[int] = field(default_factory=list)
+    """Every process that serves: [gateway_pid] for one process, uvicorn's workers with `workers` > 1."""
+
+
+def uvicorn_workers(pid: int) -> list[int]:
+    """The worker processes of `lwapi serve --workers N` (uvicorn's supervisor `pid` spawns them with
+    multiprocessing's spawn, whose resource tracker is a child too: only `spawn_main` children count)."""
+    found = []
+    for child in child_pids(pid):
+        with contextlib.suppress(OSError):
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                found.append(child)
+    return sorted(found)
+
+
+def wait_workers(service: subprocess.Popen[bytes], workers: int, log_path: Path, timeout_s: float) -> list[int]:
+    """Wait until `workers` uvicorn workers run and each has finished its startup (its lifespan: index,
+    catalog, spool loaded), as their "Application startup complete." lines in the service's log say."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if service.poll() is not None:
+            raise RuntimeError(f"the service exited with {service.returncode} while its workers started")
+        pids = uvicorn_workers(service.pid)
+        started = log_path.read_text(errors="replace").count("Application startup complete.")
+        if len(pids) == workers and started >= workers:
+            return pids
+        time.sleep(0.1)
+    raise TimeoutError(f"{workers} workers did not start in {timeout_s:.0f} s")
 
 
 @contextlib.contextmanager
-def running_stack(args: argparse.Namespace, dsn: str) -> Iterator[Stack]:
+def running_stack(args: argparse.Namespace, dsn: str, *, workers: int = 1,
+                  redis_url: str | None = None) -> Iterator[Stack]:
+    """The fake upstream, the catalogue and `lwapi serve` pinned to `args.gateway_cpu`; with `workers` > 1,
+    `lwapi serve --workers N` (uvicorn's supervisor and N worker processes, all on that core), which needs
+    `redis_url` (passed as LWAPI_REDIS_URL; it may be given with one worker too)."""
     from adapters.database import eventstore_env  # noqa: PLC0415
     from domain.access import SYSTEM  # noqa: PLC0415
     from domain.accounting import Accounting  # noqa: PLC0415
@@ -230,6 +263,8 @@ def running_stack(args: argparse.Namespace, dsn: str) -> Iterator[Stack]:
     from domain.catalog import BackendKind, Deployment  # noqa: PLC0415
     from domain.pricing import Prices  # noqa: PLC0415
 
+    if workers > 1 and (args.server != "uvicorn" or not redis_url):
+        raise ValueError("several workers need `lwapi serve` (uvicorn) and a Redis URL")
     data_dir = Path(tempfile.mkdtemp(prefix="lwapi-bench-gw.", dir="/tmp"))
     log_path = data_dir / "service.log"
     upstream = service = None
@@ -250,13 +285,15 @@ def running_stack(args: argparse.Namespace, dsn: str) -> Iterator[Stack]:
             _, secret = app.create_key(SYSTEM, project, user, KeySettings(name="bench"))
             app.add_model(SYSTEM, MODEL, Deployment("fake", BackendKind.OPENAI,
                                                     f"http://127.0.0.1:{upstream_port}/v1", UPSTREAM_MODEL),
-                          Prices(1000, 2000, datetime(2020, 1, 1, tzinfo=UTC)))
+                          Prices(PROMPT_PER_MTOK, COMPLETION_PER_MTOK, datetime(2020, 1, 1, tzinfo=UTC)))
         finally:
             app.close()
 
         service_port = free_port()
         env = {**os.environ, "DATABASE_URL": dsn, "LWAPI_KEY_PEPPER": PEPPER.hex(),
                "LWAPI_ADMIN_EMAIL": "ops@bench.example", "LWAPI_ADMIN_PASSWORD": "bench-admin-password-1"}
+        if redis_url:
+            env["LWAPI_REDIS_URL"] = redis_url
         argv = [sys.executable]
         if args.profile:
             argv += ["-m", "cProfile", "-o", str(Path(args.profile).absolute())]
@@ -272,8 +309,10 @@ def running_stack(args: argparse.Namespace, dsn: str) -> Iterator[Stack]:
         else:
             argv += ["-m", "edge.cli", "serve", "--port", str(service_port), "--data-dir",
                      str(data_dir / "service")]
-        log(f"starting the service ({args.server}) on port {service_port} (cpu {args.gateway_cpu}); "
-            f"its log: {log_path}")
+            if workers > 1:
+                argv += ["--workers", str(workers)]
+        log(f"starting the service ({args.server}) on port {service_port} (cpu {args.gateway_cpu}"
+            + (f", {workers} workers" if workers > 1 else "") + f"); its log: {log_path}")
         with log_path.open("wb") as out:
             service = subprocess.Popen(pinned(args.gateway_cpu, argv), cwd=ROOT, env=env, stdout=out,
                                        stderr=subprocess.STDOUT)
@@ -283,9 +322,16 @@ def running_stack(args: argparse.Namespace, dsn: str) -> Iterator[Stack]:
         gateway_pid, supervisor_pid = service.pid, None
         if args.server == "granian":
             gateway_pid, supervisor_pid = granian_worker(service.pid), service.pid
-        log(f"the gateway lists the model; its RSS now {rss_mb(gateway_pid)[0]} MB (pid {gateway_pid})")
+        worker_pids = [gateway_pid]
+        if workers > 1:
+            worker_pids = wait_workers(service, workers, log_path, STARTUP_TIMEOUT_S)
+            gateway_pid, supervisor_pid = worker_pids[0], service.pid
+            log(f"the gateway lists the model; {workers} workers (pids {worker_pids}), RSS now "
+                f"{[rss_mb(pid)[0] for pid in worker_pids]} MB")
+        else:
+            log(f"the gateway lists the model; its RSS now {rss_mb(gateway_pid)[0]} MB (pid {gateway_pid})")
         yield Stack(dsn, upstream, upstream_port, service, service_port, gateway_pid, supervisor_pid, project,
-                    secret, data_dir, log_path)
+                    secret, data_dir, log_path, worker_pids)
     except BaseException:
         if log_path.exists():
             log("service log tail:\n" + "\n".join(log_path.read_text(errors="replace").splitlines()[-30:]))
