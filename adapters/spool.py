@@ -47,6 +47,7 @@ _decode = msgspec.json.Decoder().decode
 class FlushedBatch:
     request_ids: list[str]
     position: int
+    charged_request_ids: list[str]  # those that cost credits: until projected, they count against budgets
 
 
 class Spool:
@@ -188,7 +189,8 @@ class Spool:
             if not result.already_recorded:
                 self.entries_recorded += len(entries)
             if self.on_recorded is not None:
-                await self.on_recorded(FlushedBatch([e.request_id for e in entries], result.position))
+                await self.on_recorded(FlushedBatch([e.request_id for e in entries], result.position,
+                                                    [e.request_id for e in entries if e.cost_credits > 0]))
         path.unlink()
         self._written.pop(path, None)
         return len(entries)

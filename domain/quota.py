@@ -87,7 +87,9 @@ class QuotaBook:
         self._forget_projected()
 
     def _forget_projected(self) -> None:
-        live = {r for b in self._budgets.values() for r in b.unprojected}
+        # a request may be recorded before it settles (a slow client holds its settlement back): keep
+        # the position of those still open, or their cost would count as unprojected for ever
+        live = {r for b in self._budgets.values() for r in b.unprojected} | self._open.keys()
         for request_id in [r for r in self._batch_of if r not in live]:
             del self._batch_of[request_id]
 

@@ -53,8 +53,8 @@ Redis holds available for the project (base - reserved - settled but not yet pro
 atomically by a script mirroring the admission script) sampled every 100 ms, never negative; at the end
 remaining = grant - the ledger's charges = 0 and Redis' base and available equal to it, no reservation
 left. Both: every 200 metered once, no 429 metered, the balance's requests and tokens equal to the
-streams'. These 429s are expected: they do not count as errors. At the end no `lwapi:res:*` hash in
-Redis may hold a reservation.
+streams'. These 429s are expected: they do not count as errors. At the end no reservation hash
+(`adapters.redis_admission.PREFIX` + `res:*`) in Redis may hold a reservation.
 
 Uses $DATABASE_URL's server (a new database, dropped after) when set, else a throwaway embedded server.
 Progress goes to stderr; the figures are ONE JSON object on the last line of stdout. Exits 1 when a
@@ -96,8 +96,9 @@ limit_rpm, expected_served_max, over_limit, redis_admissions, refill_allowed_max
 admission_span_s, t1_window_ms, tat_ahead_max_s; balance also grant_credits, reserve/charge_credits_per_stream,
 charged_credits, remaining_credits, remaining_min_seen, redis_available_min_seen, redis_after — and their
 sums served, refused, expected_served, and exact), redis (null without Redis; else what it holds at the
-end: keys by kind, reservations_left, settled_entries and batch_positions — kept until the budget's next
-admission prunes them —, used_memory_mb, cpu_s, evalsha_calls, evalsha_us_per_call), quick, loadavg_before,
+end: keys by kind, reservations_left, settled_entries (settled costs the read model does not hold yet),
+batch_positions (requests recorded before their settlement) and settled_unrecorded (the reverse),
+used_memory_mb, cpu_s, evalsha_calls, evalsha_us_per_call), quick, loadavg_before,
 service_log_warnings, failures.
 """
 
@@ -596,29 +597,23 @@ def running_redis(cpu: int) -> Iterator[RedisServer]:
 
 
 # A budget as the admission script (`adapters.redis_admission._ADMIT`) sees it, read in one atomic step
-# without changing anything: its base and log position, the reservations (all of them, and the credits of
-# those not expired) and the settled costs the base does not include yet (their batch not yet at or before
-# the base's position).
+# without changing anything: its base and log position, the reservations not expired (count and credits)
+# and the settled costs the base does not include yet (their batch not recorded, or recorded after the
+# base's position), recomputed from the entries, next to the running sums the script keeps (r, u).
 _READ_BUDGET = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local b = redis.call('HMGET', KEYS[1], 'base', 'pos')
-local res = redis.call('HGETALL', KEYS[2])
+local b = redis.call('HMGET', KEYS[1], 'base', 'pos', 'r', 'u')
+local live = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. now, '+inf')
 local reserved = 0
-for j = 1, #res, 2 do
-  local sep = string.find(res[j + 1], ':')
-  if tonumber(string.sub(res[j + 1], sep + 1)) >= now then
-    reserved = reserved + tonumber(string.sub(res[j + 1], 1, sep - 1))
-  end
-end
-local pos = tonumber(b[2])
+for _, r in ipairs(live) do reserved = reserved + tonumber(redis.call('HGET', KEYS[2], r) or '0') end
 local unp, n = 0, 0
-local entries = redis.call('HGETALL', KEYS[3])
+local entries = redis.call('HGETALL', KEYS[4])
 for j = 1, #entries, 2 do
-  local p = redis.call('HGET', KEYS[4], entries[j])
-  if not (p and pos and tonumber(p) <= pos) then unp = unp + tonumber(entries[j + 1]); n = n + 1 end
+  local p = redis.call('ZSCORE', KEYS[5], entries[j])
+  if not (p and b[2] and tonumber(p) <= tonumber(b[2])) then unp = unp + tonumber(entries[j + 1]); n = n + 1 end
 end
-return {b[1] or false, b[2] or false, #res / 2, reserved, n, unp}
+return {b[1] or false, b[2] or false, #live, reserved, n, unp, b[3] or false, b[4] or false}
 """
 
 # Redis' clock and a key's value, read together.
@@ -631,10 +626,11 @@ return {t[1], t[2], redis.call('GET', KEYS[1]) or false}
 async def redis_budget(client: Any, budget: str) -> dict[str, Any]:
     """A budget as the admission script sees it: base, position, reservations, settled costs not yet in the
     base, and what is available (base - reserved - unprojected; None without a base: no quota applies)."""
-    from adapters.redis_admission import BATCH_POSITIONS, PREFIX  # noqa: PLC0415
+    from adapters.redis_admission import PREFIX  # noqa: PLC0415
 
-    keys = [f"{PREFIX}base:{budget}", f"{PREFIX}res:{budget}", f"{PREFIX}unp:{budget}", BATCH_POSITIONS]
-    base, position, reservations, reserved, entries, unprojected = await client.eval(_READ_BUDGET, len(keys), *keys)
+    keys = [f"{PREFIX}{part}:{budget}" for part in ("base", "res", "resx", "unp", "unpz")]
+    base, position, reservations, reserved, entries, unprojected, _r, _u = await client.eval(
+        _READ_BUDGET, len(keys), *keys)
     base = None if base is None else int(base)
     return {"base": base, "position": None if position is None else int(position), "reservations": reservations,
             "reserved": reserved, "unprojected": unprojected, "unprojected_entries": entries,
@@ -715,11 +711,11 @@ def gcra_check(polls: list[tuple[float, float | None]], limit: int) -> dict[str,
 
 async def redis_summary(url: str, pid: int) -> dict[str, Any]:
     """What Redis holds at the end: keys by kind, leftover reservations (every `res:` hash should be
-    empty: Redis drops empty hashes), settled costs and batch positions kept until the next admission
-    prunes them, its memory and CPU."""
+    empty: Redis drops empty hashes), settled costs the read model does not hold yet, requests recorded
+    before their settlement (`rec:`) or settled before their recording (`own:`), its memory and CPU."""
     import redis.asyncio as aioredis  # noqa: PLC0415
 
-    from adapters.redis_admission import BATCH_POSITIONS, PREFIX  # noqa: PLC0415
+    from adapters.redis_admission import PREFIX  # noqa: PLC0415
 
     client = aioredis.Redis.from_url(url)
     try:
@@ -736,7 +732,7 @@ async def redis_summary(url: str, pid: int) -> dict[str, Any]:
         memory = await client.info("memory")
         evalsha = (await client.info("commandstats")).get("cmdstat_evalsha", {})
         return {"keys": kinds, "reservations_left": reservations, "settled_entries": settled,
-                "batch_positions": await client.hlen(BATCH_POSITIONS),
+                "batch_positions": kinds.get("rec", 0), "settled_unrecorded": kinds.get("own", 0),
                 "used_memory_mb": round(memory["used_memory"] / 2**20, 2),
                 "cpu_s": round(sum(proc_cpu_s(pid)), 2), "evalsha_calls": evalsha.get("calls"),
                 "evalsha_us_per_call": evalsha.get("usec_per_call")}

@@ -55,7 +55,7 @@ async def running_gateway(runtime: Runtime) -> AsyncIterator[Gateway]:
     await catalog.load()
 
     async def recorded(batch: FlushedBatch) -> None:
-        await admission.recorded(batch.request_ids, batch.position)
+        await admission.recorded(batch.charged_request_ids, batch.position)
 
     spool = Spool(runtime.settings.data_dir / SPOOL_FOLDER, runtime.accounting, on_recorded=recorded)
     client, probes = make_client(), health.probe_client()
