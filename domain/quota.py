@@ -77,7 +77,8 @@ class QuotaBook:
             b = self._budgets[budget]
             b.reserved -= reservation.estimate
             invariant(b.reserved >= 0, "reservations went negative")
-            if actual_credits:
+            # recorded already, and in the snapshot held: its cost is in the base, not unprojected
+            if actual_credits and self._batch_of.get(request_id, b.position + 1) > b.position:
                 b.unprojected[request_id] = actual_credits
 
     def recorded(self, request_ids: Iterable[str], position: int) -> None:

@@ -40,6 +40,34 @@ class SetBase:
     back: int  # how many positions older than the newest this snapshot is (0: the newest)
 
 
+# What an admission would find available, read without changing anything: base - reserved - settled costs
+# the base does not hold; and the running sums checked against the entries they sum.
+_AVAILABLE = """
+local b = redis.call('HMGET', KEYS[1], 'base', 'pos', 'r', 'u')
+local reserved = 0
+for _, v in ipairs(redis.call('HVALS', KEYS[2])) do reserved = reserved + tonumber(v) end
+local unp, held = 0, 0
+local entries = redis.call('HGETALL', KEYS[4])
+for j = 1, #entries, 2 do
+  unp = unp + tonumber(entries[j + 1])
+  local p = redis.call('ZSCORE', KEYS[5], entries[j])
+  if not (p and b[2] and tonumber(p) <= tonumber(b[2])) then held = held + tonumber(entries[j + 1]) end
+end
+if tonumber(b[3] or '0') ~= reserved or tonumber(b[4] or '0') ~= unp then
+  return {'sums', b[3] or false, reserved, b[4] or false, unp}
+end
+if not b[1] then return {'none'} end
+return {'ok', tonumber(b[1]) - reserved - held}
+"""
+
+
+async def _available(redis: Redis, budget: str) -> int | None:
+    keys = [f"{PREFIX}{part}:{budget}" for part in ("base", "res", "resx", "unp", "unpz")]
+    answer = await redis.eval(_AVAILABLE, len(keys), *keys)
+    assert answer[0] != b"sums", f"running sums differ from the entries: {answer}"
+    return None if answer[0] == b"none" else int(answer[1])
+
+
 OPS = st.one_of(
     st.builds(Reserve, st.booleans(), st.integers(0, 40)),
     st.builds(Settle, st.integers(0, 50), st.integers(0, 60)),
@@ -90,11 +118,13 @@ async def _scenario(url: str, ops: list[object]) -> None:
                 budget = key if op.on_key else project
                 book.set_base(budget, op.base, snapshot)
                 await store.set_bases([(budget, op.base)], snapshot)
+            for budget in (project, key):
+                assert await _available(redis, budget) == book.available(budget), (step, op, budget)
     finally:
         await redis.aclose()
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(OPS, max_size=60))
 def test_redis_admission_decides_as_the_quota_book(redis_url: str, ops: list[object]) -> None:
     asyncio.run(_scenario(redis_url, ops))
