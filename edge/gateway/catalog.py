@@ -32,6 +32,14 @@ CREDENTIAL_BYTES_MAX = 16_384
 
 
 @dataclass
+class Load:
+    """Requests this process has open on a deployment: shared by every Route object a reload makes of it,
+    so a request counts down on the same counter it counted up on."""
+
+    in_flight: int = 0
+
+
+@dataclass
 class Route:
     """A deployment as the gateway uses it; `in_flight` is this process's count."""
 
@@ -44,10 +52,18 @@ class Route:
     timeout_s: float
     tokenizer: str | None = None
     counter: Counter | None = None  # made at first use by edge.gateway.metering
-    in_flight: int = 0
+    load: Load = field(default_factory=Load)
     failures: int = 0
     out_until: float = 0.0  # time.monotonic() until which the deployment is out of rotation
     answered_at: float = 0.0  # time.monotonic() of its last answer, to a request or a probe
+
+    @property
+    def in_flight(self) -> int:
+        return self.load.in_flight
+
+    @in_flight.setter
+    def in_flight(self, value: int) -> None:
+        self.load.in_flight = value
 
     def in_rotation(self, now: float) -> bool:
         return now >= self.out_until
@@ -81,14 +97,23 @@ class CatalogModel:
         return sorted(self.routes, key=lambda r: (not r.in_rotation(now), r.in_flight / r.weight, -r.weight))
 
 
+def _definition(route: Route) -> tuple[object, ...]:
+    return (route.backend, route.base_url, route.upstream_model, route.credential_ref, route.weight,
+            route.timeout_s, route.tokenizer)
+
+
 def _model(row: asyncpg.Record, old: CatalogModel | None) -> CatalogModel:
     kept = {r.name: r for r in old.routes} if old else {}
     routes = []
     for d in json.loads(row["deployments"]):
         route = Route(d["name"], BackendKind(d["backend"]), d["base_url"], d["upstream_model"], d["credential_ref"],
                       d["weight"], d["timeout_ms"] / 1000, d.get("tokenizer"))
-        if (before := kept.get(route.name)) is not None:  # a reload keeps what this process knows of it
-            route.in_flight, route.failures, route.out_until = before.in_flight, before.failures, before.out_until
+        before = kept.get(route.name)
+        if before is not None and _definition(before) == _definition(route):
+            route = before  # the same object: requests in flight count down on the route they counted up on
+        elif before is not None:  # changed (weight, URL, …): carry what this process knows of it
+            route.load, route.failures = before.load, before.failures
+            route.out_until, route.answered_at = before.out_until, before.answered_at
         routes.append(route)
     prices = [Prices(p["prompt_per_mtok"], p["completion_per_mtok"], datetime.fromisoformat(p["effective_at"]),
                      p["cached_prompt_per_mtok"]) for p in json.loads(row["price_schedule"])]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+import openai
 
 from domain.access import SYSTEM
 from domain.catalog import BackendKind, Deployment
@@ -76,3 +78,29 @@ upstream_model = "fake-upstream"
     finally:
         stop_service(service)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def in_flight(base_url: str, model: str, deployment: str) -> str | None:
+    for line in httpx.get(base_url.removesuffix("/v1") + "/metrics").text.splitlines():
+        if line.startswith(f'lwapi_upstream_in_flight{{model="{model}",deployment="{deployment}"}}'):
+            return line.rsplit(" ", 1)[1]
+    return None
+
+
+def test_requests_open_across_catalog_reloads_count_down_to_zero(stack: Stack) -> None:
+    """The catalog reloads every second; streams that outlive several reloads must leave the deployment's
+    in-flight count (what routing balances on) at zero, not at what was open at each reload."""
+    async def streams() -> None:
+        api = openai.AsyncOpenAI(base_url=stack.base_url, api_key=stack.secret, max_retries=0)
+
+        async def one() -> None:
+            stream = await api.chat.completions.create(
+                model="llama", messages=[{"role": "user", "content": "x"}], stream=True,
+                extra_body={"fake_tokens": 10, "fake_delay_ms": 300})
+            async for _ in stream:
+                pass
+        await asyncio.gather(*(one() for _ in range(6)))
+        await api.close()
+
+    asyncio.run(streams())  # 3 s each: three reloads or more while they run
+    assert in_flight(stack.base_url, "llama", "fake") == "0"
