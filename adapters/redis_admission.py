@@ -30,28 +30,20 @@ TAT_TTL_S = 120
 # `rec:<rid>` tells a late settlement where its batch is; both expire after `SETTLED_TTL_S`. Only requests
 # that cost credits are settled into `unp` and passed to `recorded`.
 
+# Drop from `entries` (request id -> credits) those that `order` scores at or below `bound`, and take
+# their credits off the budget's running sum `field`: reservations past their deadline (r), settled costs
+# the read model now holds (u).
 _PRUNE = """
-local function expire(base, res, resx, now)
-  local gone = redis.call('ZRANGEBYSCORE', resx, '-inf', now)
+local function release(base, field, entries, order, bound)
+  local gone = redis.call('ZRANGEBYSCORE', order, '-inf', bound)
   if #gone == 0 then return end
   local freed = 0
   for _, r in ipairs(gone) do
-    freed = freed + tonumber(redis.call('HGET', res, r) or '0')
-    redis.call('HDEL', res, r)
+    freed = freed + tonumber(redis.call('HGET', entries, r) or '0')
+    redis.call('HDEL', entries, r)
   end
-  redis.call('ZREMRANGEBYSCORE', resx, '-inf', now)
-  if freed > 0 then redis.call('HINCRBY', base, 'r', -freed) end  -- Redis takes no '-0'
-end
-local function projected(base, unp, unpz, pos)
-  local done = redis.call('ZRANGEBYSCORE', unpz, '-inf', pos)
-  if #done == 0 then return end
-  local freed = 0
-  for _, r in ipairs(done) do
-    freed = freed + tonumber(redis.call('HGET', unp, r) or '0')
-    redis.call('HDEL', unp, r)
-  end
-  redis.call('ZREMRANGEBYSCORE', unpz, '-inf', pos)
-  if freed > 0 then redis.call('HINCRBY', base, 'u', -freed) end
+  redis.call('ZREMRANGEBYSCORE', order, '-inf', bound)
+  if freed > 0 then redis.call('HINCRBY', base, field, -freed) end  -- Redis takes no '-0'
 end
 """
 
@@ -91,10 +83,10 @@ if not ok2 then
   return {'tpm', tostring(tretry), rrem0, rreset0, trem, tostring(treset)}
 end
 for i = 3, #KEYS, 5 do
-  expire(KEYS[i], KEYS[i + 1], KEYS[i + 2], now)
+  release(KEYS[i], 'r', KEYS[i + 1], KEYS[i + 2], now)
   local b = redis.call('HMGET', KEYS[i], 'base', 'pos')
   if b[1] then
-    projected(KEYS[i], KEYS[i + 3], KEYS[i + 4], b[2])
+    release(KEYS[i], 'u', KEYS[i + 3], KEYS[i + 4], b[2])
     local sums = redis.call('HMGET', KEYS[i], 'r', 'u')
     if tonumber(b[1]) - tonumber(sums[1] or '0') - tonumber(sums[2] or '0') < cost then
       local rrem0, rreset0 = untouched(KEYS[1], rpm)
@@ -168,7 +160,7 @@ local cur = redis.call('HGET', KEYS[1], 'pos')
 if cur and tonumber(ARGV[2]) < tonumber(cur) then return 0 end
 if ARGV[1] == '' then redis.call('HDEL', KEYS[1], 'base') else redis.call('HSET', KEYS[1], 'base', ARGV[1]) end
 redis.call('HSET', KEYS[1], 'pos', ARGV[2])
-projected(KEYS[1], KEYS[2], KEYS[3], ARGV[2])  -- an idle budget lets go of what the read model now holds
+release(KEYS[1], 'u', KEYS[2], KEYS[3], ARGV[2])  -- an idle budget lets go of what the read model now holds
 return 1
 """
 

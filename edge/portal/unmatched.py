@@ -8,7 +8,7 @@ them explicitly.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from litestar import Response
@@ -43,5 +43,4 @@ def unmatched_handlers(response_headers: Sequence[ResponseHeader]) -> dict[int |
         page.headers.update(headers)
         return page
 
-    handler: Callable[[AnyRequest, Exception], Template | Response[Any]] = unmatched
-    return {404: handler, 405: handler}
+    return {404: unmatched, 405: unmatched}
