@@ -17,6 +17,7 @@ MODEL_NAME_CHARS_MAX = 200
 REASON_CHARS_MAX = 500
 CREDITS_MAX = 10**15  # a quadrillion smallest units: far above any real budget, far below int64
 COUNT_MAX = 10**9
+PROJECT_CODE_CHARS_MAX = 40
 
 # Times an aggregate may hold: the read models (PostgreSQL timestamptz through asyncpg) and date arithmetic
 # hold every one of them in any time zone. A time outside would be an event no read model can apply.
@@ -70,7 +71,7 @@ def clean_email(value: str) -> str:
 
 
 def clean_code(value: str) -> str:
-    code = clean_text(value, "project_code", chars_max=40).lower()
+    code = clean_text(value, "project_code", chars_max=PROJECT_CODE_CHARS_MAX).lower()
     if not _CODE_RE.match(code):
         raise InvalidValue(
             "project code must be 2-40 characters: lowercase letters, digits, '-' or '_', "

@@ -18,7 +18,7 @@ from litestar.response import Redirect, Template
 
 from domain.access import Actor
 from domain.errors import InvalidValue
-from domain.validation import EMAIL_CHARS_MAX, aware, clean_email, label
+from domain.validation import EMAIL_CHARS_MAX, PROJECT_CODE_CHARS_MAX, aware, clean_email, label
 from edge import queries
 from edge.cli_support import parse_time
 from edge.portal.i18n import COOKIE, LANGUAGE_NAMES, Translator, negotiate
@@ -69,12 +69,9 @@ def render(request: AnyRequest, template: str, *, user: dict[str, Any] | None, s
         "project": None, "role": None, **context})
 
 
-CODE_CHARS_MAX = 40
-
-
 def plausible_code(code: str) -> bool:
     """Whether a project code from a URL may be looked up at all (a NUL cannot be sent to PostgreSQL)."""
-    return 0 < len(code) <= CODE_CHARS_MAX and "\x00" not in code
+    return 0 < len(code) <= PROJECT_CODE_CHARS_MAX and "\x00" not in code
 
 
 def take_notice(request: AnyRequest) -> str | None:
