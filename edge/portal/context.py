@@ -8,6 +8,7 @@ page that follows a change shows it.
 from __future__ import annotations
 
 import asyncio
+import unicodedata
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -109,8 +110,13 @@ def form_text(form: Mapping[str, Any], name: str, chars_max: int) -> str:
 
 
 def form_email(form: Mapping[str, Any], name: str) -> str:
-    """An e-mail address from a form, as the domain cleans it."""
-    return clean_email(form_text(form, name, EMAIL_CHARS_MAX))
+    """An e-mail address from a form: as the domain cleans it, and without invisible or direction-changing
+    characters (zero-width spaces, bidi overrides), which make an address that looks like another."""
+    email = clean_email(form_text(form, name, EMAIL_CHARS_MAX))
+    if any(unicodedata.category(c)[0] in "CZ" for c in email):
+        shown = "".join(c if unicodedata.category(c)[0] not in "CZ" else f"\\u{ord(c):04x}" for c in email)
+        raise InvalidValue(f"not an e-mail address: {shown!r}", rule="email", value=shown)
+    return email
 
 
 def form_time(form: Mapping[str, Any], name: str, chars_max: int) -> datetime | None:

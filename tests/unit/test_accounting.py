@@ -57,13 +57,6 @@ def test_email_is_unique_case_insensitively(app: Accounting) -> None:
     assert app.find_user_by_email("ANN@example.org").display_name == "Ann"
 
 
-@pytest.mark.parametrize("email", ["a\u200bb@uni.edu", "ann\u202e@uni.edu", "ann@uni\ufeff.edu"])
-def test_an_email_that_only_looks_like_another_is_refused_at_every_door(app: Accounting, email: str) -> None:
-    app.register_user("ab@uni.edu", "Ab")
-    with pytest.raises(InvalidValue, match=r"not an e-mail address: .*\\u"):
-        app.register_user(email, "Look-alike")
-
-
 def test_changing_email_frees_the_old_address(app: Accounting) -> None:
     ann = app.register_user("ann@example.org", "Ann")
     app.update_profile(ann, display_name="Ann B", email="ann.b@example.org")
