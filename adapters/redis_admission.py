@@ -145,11 +145,11 @@ for i = 1, #KEYS, 2 do
   if budgets then
     local rid = string.sub(KEYS[i], #ARGV[5] + 1)
     for b in string.gmatch(budgets, '[^,]+') do
-      if redis.call('HEXISTS', unp .. b, rid) == 1 then redis.call('ZADD', unpz .. b, pos, rid) end
+      if redis.call('HEXISTS', unp .. b, rid) == 1 then redis.call('ZADD', unpz .. b, 'NX', pos, rid) end
     end
     redis.call('DEL', KEYS[i])
   else
-    redis.call('SET', KEYS[i + 1], pos, 'EX', ttl)
+    redis.call('SET', KEYS[i + 1], pos, 'EX', ttl, 'NX')  -- reported again: the first position stands
   end
 end
 return 1

@@ -82,9 +82,12 @@ class QuotaBook:
                 b.unprojected[request_id] = actual_credits
 
     def recorded(self, request_ids: Iterable[str], position: int) -> None:
-        """These requests' usage is in the log at `position`; the next snapshot past it includes them."""
+        """These requests' usage is in the log at `position`; the next snapshot past it includes them.
+
+        A request reported again (a batch flushed twice) keeps its first position: that is where the log
+        holds it, and a later report cannot move it past snapshots that already include it."""
         for request_id in request_ids:
-            self._batch_of[request_id] = position
+            self._batch_of.setdefault(request_id, position)
         self._forget_projected()
 
     def _forget_projected(self) -> None:

@@ -35,6 +35,25 @@ def test_unprojected_costs_are_dropped_only_once_the_snapshot_includes_them() ->
     assert book.available("p") == 70
 
 
+def test_a_request_reported_recorded_twice_keeps_its_first_position() -> None:
+    """A batch flushed again reports its requests again at a later position: the snapshot at the first
+    position already holds their cost, so the later report must not count it a second time."""
+    book = QuotaBook()
+    book.set_base("p", 100, position=10)
+    assert book.reserve("a", ["p"], 0) is None
+    book.settle("a", 1)
+    book.recorded(["a"], position=11)
+    book.recorded(["a"], position=12)
+    book.set_base("p", 99, position=11)
+    assert book.available("p") == 99
+    assert book.reserve("b", ["p"], 5) is None  # recorded before it settles, twice
+    book.recorded(["b"], position=13)
+    book.recorded(["b"], position=14)
+    book.settle("b", 4)
+    book.set_base("p", 95, position=13)
+    assert book.available("p") == 95
+
+
 def test_all_or_nothing_across_project_and_key() -> None:
     book = QuotaBook()
     book.set_base("project", 1000, 1)
