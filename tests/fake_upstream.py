@@ -2,11 +2,18 @@
 
 Run: `python -m tests.fake_upstream --port 9100 [--no-usage]`. Extra request fields steer it:
 `fake_tokens` (completion tokens, default 8, capped by max_tokens), `fake_prompt_tokens` (the prompt
-tokens it reports; default a quarter of the prompt's JSON), `fake_delay_ms` (per token),
+tokens it reports; default a quarter of the prompt's JSON), `fake_delay_ms` (per token: a stream's n-th token
+leaves n × delay after its headers, a steady clock like a model server's decoding steps, so that a late
+send is made up rather than pushing every later token back),
 `fake_fail`: "500" (error before any byte), "400" (a refusal), "cut" (stream breaks off midway),
 "no_done" (stream ends without [DONE]), "hang" (headers, then silence), "malformed" (bad JSON), "bad_utf8"
 (a body, or one stream event, that is not UTF-8),
 "slow_headers" (sleeps before answering). `--no-usage` ignores include_usage, like llama.cpp's server.
+
+`--loop asyncio` serves on asyncio's own event loop, whose timers keep the float clock: uvloop's
+(the default when installed) round every delay to whole milliseconds of a cached clock, so a stream's
+first token lands on a 1 ms grid and a fraction of a millisecond more before a request arrives can cost
+a whole one (what `scripts/bench_gateway.py` measures as time to first token).
 
 Watching streams: a stream with `fake_tag` (any string) is recorded under that tag, and stops generating
 as soon as its client (the gateway) closes the connection, as a real inference server does;
@@ -121,11 +128,13 @@ async def _complete(send: Any, request: dict[str, Any], *, chat: bool, receive: 
     kind = "chat.completion.chunk" if chat else "text_completion"
     if fail == "hang":
         await asyncio.sleep(3600)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
     for i in range(tokens):
         if fail == "cut" and i == tokens // 2:
             raise ConnectionResetError("cut")  # uvicorn drops the connection mid-body
         if delay:
-            await asyncio.sleep(delay)
+            await asyncio.sleep(max(0.0, start + (i + 1) * delay - loop.time()))
         delta = ({"role": "assistant", "content": "tok "} if i == 0 else {"content": "tok "}) if chat else None
         choice = {"index": 0, "delta": delta, "finish_reason": None, "logprobs": None} if chat else \
             {"index": 0, "text": "tok ", "finish_reason": None, "logprobs": None}
@@ -212,9 +221,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--no-usage", action="store_true")
+    parser.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto")
     args = parser.parse_args()
     NO_USAGE = args.no_usage
-    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False, loop=args.loop)
 
 
 if __name__ == "__main__":
