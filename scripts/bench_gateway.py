@@ -39,6 +39,11 @@ than 200, a dropped connection, a metering mismatch), not when a target is misse
     .venv/bin/python scripts/bench_gateway.py --quick --server granian
                                                            # the same app under granian (needs it installed)
 
+With `--against direct,nginx,gateway` each workload also runs through nginx as a bare reverse proxy
+(one worker on the gateway's core, keep-alive to the upstream, no buffering): the issue's anchor for
+the least one hop can add, measured side by side here (`nginx_*` keys; needs `nginx` on the PATH, e.g.
+Debian's nginx-light; it is not installed by the project).
+
 With `--server granian` the schema and the first administrator are prepared as `lwapi serve` does,
 then `python -m granian --interface asgi --factory edge.app:create_app_from_env` (one worker, uvloop,
 lifespan on) serves the same app; the figures are the worker's (`supervisor_*` and
@@ -93,6 +98,7 @@ WORKLOADS: dict[str, tuple[bool, int, int]] = {
     "ns1": (False, 1, 0),
     "ns16": (False, 16, 0),
     "ns64": (False, 64, 0),
+    "st1_5ms": (True, 1, 5),  # time to first token with no other stream open: c=16 adds contention to it
     "st16_0ms": (True, 16, 0),
     "st64_0ms": (True, 64, 0),
     "st16_5ms": (True, 16, 5),
@@ -222,6 +228,59 @@ class Stack:
     log_path: Path
     worker_pids: list[int] = field(default_factory=list)
     """Every process that serves: [gateway_pid] for one process, uvicorn's workers with `workers` > 1."""
+    nginx_port: int | None = None  # nginx in front of the upstream, when asked for
+    nginx_pid: int | None = None  # its worker process
+
+
+NGINX_CONF = """
+worker_processes 1;
+daemon off;
+user root root;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/body;
+  proxy_temp_path {dir}/proxy;
+  fastcgi_temp_path {dir}/fastcgi;
+  uwsgi_temp_path {dir}/uwsgi;
+  scgi_temp_path {dir}/scgi;
+  upstream fake {{ server 127.0.0.1:{upstream_port}; keepalive 256; }}
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    keepalive_requests 1000000;
+    location / {{
+      proxy_pass http://fake;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+      proxy_request_buffering off;
+    }}
+  }}
+}}
+"""
+
+
+@contextlib.contextmanager
+def nginx_in_front(args: argparse.Namespace, stack: Stack) -> Iterator[None]:
+    """nginx as a bare reverse proxy to the upstream, pinned to the gateway's core: the anchor."""
+    folder = Path(tempfile.mkdtemp(prefix="lwapi-bench-nginx.", dir="/tmp"))
+    port = free_port()
+    (folder / "nginx.conf").write_text(NGINX_CONF.format(dir=folder, port=port, upstream_port=stack.upstream_port))
+    proc = subprocess.Popen(pinned(args.gateway_cpu, ["nginx", "-c", str(folder / "nginx.conf"), "-p", str(folder)]),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/v1/models", STARTUP_TIMEOUT_S, proc)
+        workers = child_pids(proc.pid)
+        if len(workers) != 1:
+            raise RuntimeError(f"nginx should run one worker, found {workers}")
+        stack.nginx_port, stack.nginx_pid = port, workers[0]
+        log(f"nginx in front of the upstream on port {port} (cpu {args.gateway_cpu}, worker pid {workers[0]})")
+        yield
+    finally:
+        stop_process(proc, sig=signal.SIGQUIT)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def uvicorn_workers(pid: int) -> list[int]:
@@ -272,7 +331,8 @@ def running_stack(args: argparse.Namespace, dsn: str, *, workers: int = 1,
         upstream_port = free_port()
         log(f"starting the fake upstream on port {upstream_port} (cpu {args.client_cpu})")
         upstream = subprocess.Popen(
-            pinned(args.client_cpu, [sys.executable, "-m", "tests.fake_upstream", "--port", str(upstream_port)]),
+            pinned(args.client_cpu, [sys.executable, "-m", "tests.fake_upstream", "--port", str(upstream_port),
+                                     "--loop", args.upstream_loop]),
             cwd=ROOT, stdout=subprocess.DEVNULL)
         wait_http(f"http://127.0.0.1:{upstream_port}/v1/models", STARTUP_TIMEOUT_S, upstream)
 
@@ -384,7 +444,10 @@ def summarize(result: loadgen.PhaseResult, stream: bool, gateway_core: str, clie
     if stream:
         figures |= {"tokens_per_s": round(result.tokens / result.window_s, 1),
                     "tokens_per_stream": {str(k): v for k, v in sorted(result.stream_tokens.items())},
+                    "ttft_p10_ms": ms(percentile(result.ttfts, 0.10)),
                     "ttft_p50_ms": ms(percentile(result.ttfts, 0.50)),
+                    "ttft_p90_ms": ms(percentile(result.ttfts, 0.90)),
+                    "head_p50_ms": ms(percentile(result.heads, 0.50)),  # the response head: the request's way in
                     "ttft_p99_ms": ms(percentile(result.ttfts, 0.99))}
     if isinstance(start, dict) and isinstance(end, dict):
         for name in start["procs"]:
@@ -407,14 +470,17 @@ async def run_phases(args: argparse.Namespace, stack: Stack) -> dict[str, dict[s
     pids = {"upstream": stack.upstream.pid, "gateway": stack.gateway_pid}
     if stack.supervisor_pid is not None:
         pids["supervisor"] = stack.supervisor_pid
+    if stack.nginx_pid is not None:
+        pids["nginx"] = stack.nginx_pid
     sampler = Sampler(pids)
     phases: dict[str, dict[str, Any]] = {}
     auth = {"Authorization": f"Bearer {stack.secret}"}
     for name in args.only:
         stream, concurrency, delay_ms = WORKLOADS[name]
         for target in args.against:
-            port, model = ((stack.upstream_port, UPSTREAM_MODEL) if target == "direct"
-                           else (stack.service_port, MODEL))
+            port, model = {"direct": (stack.upstream_port, UPSTREAM_MODEL),
+                           "nginx": (stack.nginx_port or 0, UPSTREAM_MODEL),
+                           "gateway": (stack.service_port, MODEL)}[target]
             request = loadgen.build_request("127.0.0.1", port, "/v1/chat/completions",
                                             request_body(stream, delay_ms, model), auth)
             result = await loadgen.run_phase("127.0.0.1", port, request, concurrency=concurrency,
@@ -422,12 +488,13 @@ async def run_phases(args: argparse.Namespace, stack: Stack) -> dict[str, dict[s
                                              sampler=sampler)
             figures = summarize(result, stream, f"cpu{args.gateway_cpu}", f"cpu{args.client_cpu}")
             phases[f"{target}_{name}"] = figures
-            extra = (f" tokens/s {figures['tokens_per_s']:,.0f} ttft p50 {figures['ttft_p50_ms']} ms"
-                     if stream else "")
+            extra = (f" tokens/s {figures['tokens_per_s']:,.0f} ttft p50 {figures['ttft_p50_ms']} ms "
+                     f"(head {figures['head_p50_ms']} ms)" if stream else "")
             log(f"{target:7s} {name:9s} {figures['rps']:9,.1f} /s  p50 {figures['p50_ms']} ms  p99 "
                 f"{figures['p99_ms']} ms{extra}  gateway {figures.get('gateway_cpu_us_per_request')} us/req  "
                 f"cores: gateway {figures.get('gateway_core_busy')} (others {figures.get('gateway_core_others')}) "
                 f"client {figures.get('client_core_busy')}  statuses {figures['statuses']}"
+                + (f"  nginx {figures.get('nginx_cpu_us_per_request')} us/req" if target == "nginx" else "")
                 + (f" errors {figures['errors']}" if figures["errors"] else ""))
     return phases
 
@@ -485,7 +552,7 @@ def headline(phases: dict[str, dict[str, Any]]) -> dict[str, Any]:
     out["cpu_us_per_request"] = out["cpu_us_per_request_c16"]
     out["added_p50_ms_c1"] = diff(out["p50_ms_c1"], out["p50_ms_direct_c1"])
     out["added_p99_ms_c1"] = diff(out["p99_ms_c1"], get("direct", "ns1", "p99_ms"))
-    for c in (16, 64):
+    for c in (1, 16, 64):
         for d in (0, 5):
             name = f"st{c}_{d}ms"
             out[f"streams_per_s_c{c}_{d}ms"] = get("gateway", name, "rps")
@@ -499,6 +566,18 @@ def headline(phases: dict[str, dict[str, Any]]) -> dict[str, Any]:
                                                         get("direct", name, "ttft_p50_ms"))
             out[f"cpu_us_per_stream_c{c}_{d}ms"] = get("gateway", name, "gateway_cpu_us_per_request")
         out[f"added_ttft_p50_ms_c{c}"] = out[f"added_ttft_p50_ms_c{c}_5ms"]
+    if any(k.startswith("nginx_") for k in phases):  # the anchor, measured side by side
+        out["nginx_rps_c16"] = get("nginx", "ns16", "rps")
+        out["nginx_cpu_us_per_request"] = get("nginx", "ns16", "nginx_cpu_us_per_request")
+        out["nginx_added_p50_ms_c1"] = diff(get("nginx", "ns1", "p50_ms"), out["p50_ms_direct_c1"])
+        for c in (1, 16, 64):
+            for d in (0, 5):
+                name = f"st{c}_{d}ms"
+                out[f"nginx_streams_per_s_c{c}_{d}ms"] = get("nginx", name, "rps")
+                out[f"nginx_stream_tokens_ratio_c{c}_{d}ms"] = ratio(get("nginx", name, "tokens_per_s"),
+                                                                     get("direct", name, "tokens_per_s"))
+                out[f"nginx_added_ttft_p50_ms_c{c}_{d}ms"] = diff(get("nginx", name, "ttft_p50_ms"),
+                                                                  get("direct", name, "ttft_p50_ms"))
     # The client core: its CPU per request in the direct c=16 phase, and the rate one core gives it alone.
     lg = get("direct", "ns16", "loadgen_cpu_us_per_request")
     out["loadgen_cpu_us_per_request"] = lg
@@ -569,10 +648,13 @@ def main() -> int:
     parser.add_argument("--only", type=lambda s: s.split(","), default=list(WORKLOADS),
                         help=f"workloads to run, comma-separated (default all: {','.join(WORKLOADS)})")
     parser.add_argument("--against", type=lambda s: s.split(","), default=["direct", "gateway"],
-                        help="what each workload runs against, in order (default direct,gateway)")
+                        help="what each workload runs against, in order (default direct,gateway; nginx: the anchor)")
     parser.add_argument("--gateway-cpu", type=int, default=0, help="the core the service is pinned to (default 0)")
     parser.add_argument("--client-cpu", type=int, default=1,
                         help="the core of the upstream, the load generator and the embedded PostgreSQL (default 1)")
+    parser.add_argument("--upstream-loop", choices=["asyncio", "uvloop"], default="asyncio",
+                        help="the fake upstream's event loop (default asyncio: its timers keep the float clock, "
+                             "where uvloop's put every token on a 1 ms grid; see tests/fake_upstream.py)")
     parser.add_argument("--profile", default=None, help="run the service under cProfile, writing this file")
     parser.add_argument("--server", choices=["uvicorn", "granian"], default="uvicorn",
                         help="what serves the app: `lwapi serve` (uvicorn, the default) or granian")
@@ -583,8 +665,10 @@ def main() -> int:
     if args.server == "granian" and importlib.util.find_spec("granian") is None:
         parser.error("granian is not installed (it is not a dependency); for the comparison install it into .venv "
                      "with `.venv/bin/uv pip install granian`")
-    if not args.against or set(args.against) - {"direct", "gateway"}:
-        parser.error("--against takes direct, gateway or both (comma-separated)")
+    if not args.against or set(args.against) - {"direct", "nginx", "gateway"}:
+        parser.error("--against takes direct, nginx and gateway (comma-separated)")
+    if "nginx" in args.against and shutil.which("nginx") is None:
+        parser.error("nginx is not on the PATH (it is not a dependency; e.g. `apt-get install nginx-light`)")
     if args.duration_s is None:
         args.duration_s = 3.0 if args.quick else 10.0
     if args.warmup_s is None:
@@ -602,7 +686,9 @@ def main() -> int:
             "is less affected); see gateway_core_others in each phase")
     # This process is the load generator; the embedded PostgreSQL it starts inherits the same core.
     os.sched_setaffinity(0, {args.client_cpu})
-    with fresh_database() as dsn, running_stack(args, dsn) as stack:
+    with fresh_database() as dsn, running_stack(args, dsn) as stack, contextlib.ExitStack() as extra:
+        if "nginx" in args.against:
+            extra.enter_context(nginx_in_front(args, stack))
         loop = loadgen.new_event_loop()
         try:
             result, failures = loop.run_until_complete(run(args, stack))

@@ -47,6 +47,7 @@ class PhaseResult:
     stream_tokens: dict[int, int] = field(default_factory=dict)  # deltas per 200 stream → streams (whole phase)
     latencies: list[float] = field(default_factory=list)  # seconds, status 200 in the window
     ttfts: list[float] = field(default_factory=list)  # seconds, streams with status 200 in the window
+    heads: list[float] = field(default_factory=list)  # seconds to the response head, the same streams
     statuses: dict[int, int] = field(default_factory=dict)  # over the whole phase (warm-up and drain too)
     total_ok: int = 0  # 200s over the whole phase: what the gateway must have metered
     errors: int = 0  # connections lost or stalled with a request in flight
@@ -70,7 +71,7 @@ class _Phase:
         self.open = 0
         self.drained = asyncio.get_running_loop().create_future()
 
-    def done(self, status: int, started: float, first: float | None, finished: float, tokens: int,
+    def done(self, status: int, started: float, head: float, first: float | None, finished: float, tokens: int,
              complete: bool) -> None:
         r = self.result
         r.statuses[status] = r.statuses.get(status, 0) + 1
@@ -87,6 +88,7 @@ class _Phase:
                 r.latencies.append(finished - started)
                 if first is not None:
                     r.ttfts.append(first - started)
+                    r.heads.append(head - started)
 
     def closed(self) -> None:
         self.open -= 1
@@ -97,8 +99,8 @@ class _Phase:
 class _Client(asyncio.Protocol):
     """One keep-alive connection: send, read the whole response, send again until the phase ends."""
 
-    __slots__ = ("body", "buf", "chunked", "first", "head_done", "inflight", "need", "phase", "started",
-                 "status", "transport")
+    __slots__ = ("body", "buf", "chunked", "first", "head_at", "head_done", "inflight", "need", "phase",
+                 "started", "status", "transport")
 
     def __init__(self, phase: _Phase) -> None:
         self.phase = phase
@@ -110,7 +112,7 @@ class _Client(asyncio.Protocol):
         self.chunked = False
         self.need = 0
         self.status = 0
-        self.started = 0.0
+        self.started = self.head_at = 0.0
         self.first: float | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -143,6 +145,7 @@ class _Client(asyncio.Protocol):
                 self.need = 0 if at < 0 else int(head[at + 15: eol if eol >= 0 else len(head)])
             del buf[: end + 4]
             self.head_done = True
+            self.head_at = time.perf_counter()
         if self.chunked:
             self._chunks()
         elif len(buf) >= self.need:
@@ -174,7 +177,7 @@ class _Client(asyncio.Protocol):
     def _finish(self, tokens: int, complete: bool) -> None:
         phase = self.phase
         self.inflight = False
-        phase.done(self.status, self.started, self.first, time.perf_counter(), tokens, complete)
+        phase.done(self.status, self.started, self.head_at, self.first, time.perf_counter(), tokens, complete)
         if phase.running:
             self.send()
         else:
