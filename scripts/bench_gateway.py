@@ -12,7 +12,10 @@ the other (`taskset -c 1`). Each workload runs twice in a row: (a) straight at t
 the gateway:
 
     non-streaming chat completions (16 tokens)      at concurrency 1, 16, 64
-    streaming, 64 tokens, 0 ms and 5 ms per token    at concurrency 16, 64
+    streaming, 64 tokens, 0 ms and 5 ms per token    at concurrency 16, 64 (and 1 at 5 ms)
+
+The streams ask the fake upstream for a steady clock (`fake_steady`), and it runs on asyncio's own loop:
+see docs/performance.md for why time to first token needs both.
 
 Per phase: requests (streams) per second, p50/p99 latency, time to first token, stream tokens per
 second (counted as they arrive), the gateway's CPU seconds per request (its utime+stime from
@@ -411,7 +414,7 @@ def request_body(stream: bool, delay_ms: int, model: str) -> bytes:
     payload: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": "Say hello to the benchmark."}]}
     if stream:
         payload |= {"stream": True, "max_tokens": 2 * STREAM_TOKENS, "fake_tokens": STREAM_TOKENS,
-                    "fake_delay_ms": delay_ms}
+                    "fake_delay_ms": delay_ms, "fake_steady": True}
     else:
         payload |= {"max_tokens": 4 * NS_TOKENS, "fake_tokens": NS_TOKENS}
     return json.dumps(payload, separators=(",", ":")).encode()

@@ -1242,7 +1242,9 @@ def main() -> int:
     args.streams = args.streams or (500 if args.quick else 2000)
     args.tokens = args.tokens or (100 if args.quick else 200)
     args.waves = args.waves or (1 if args.quick else 2)
-    args.profile, args.server = None, "uvicorn"  # what running_stack reads besides the cores
+    # what running_stack reads besides the cores (the fake upstream keeps uvloop: timing to the
+    # millisecond does not matter here, its capacity for thousands of streams does)
+    args.profile, args.server, args.upstream_loop = None, "uvicorn", "auto"
     if min(args.streams, args.tokens, args.waves) < 1 or args.delay_ms < 0:
         parser.error("--streams, --tokens and --waves must be positive, --delay-ms not negative")
     if not 1 <= args.workers <= WORKERS_MAX:

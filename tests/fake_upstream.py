@@ -2,9 +2,10 @@
 
 Run: `python -m tests.fake_upstream --port 9100 [--no-usage]`. Extra request fields steer it:
 `fake_tokens` (completion tokens, default 8, capped by max_tokens), `fake_prompt_tokens` (the prompt
-tokens it reports; default a quarter of the prompt's JSON), `fake_delay_ms` (per token: a stream's n-th token
-leaves n × delay after its headers, a steady clock like a model server's decoding steps, so that a late
-send is made up rather than pushing every later token back),
+tokens it reports; default a quarter of the prompt's JSON), `fake_delay_ms` (per token, after the previous one was sent),
+`fake_steady` (true: a stream's n-th token leaves n × delay after its headers instead, a steady clock
+like a model server's decoding steps at a constant rate, so that a late send does not push every later
+token back; a saturated upstream then catches up in bursts rather than slowing its streams down),
 `fake_fail`: "500" (error before any byte), "400" (a refusal), "cut" (stream breaks off midway),
 "no_done" (stream ends without [DONE]), "hang" (headers, then silence), "malformed" (bad JSON), "bad_utf8"
 (a body, or one stream event, that is not UTF-8),
@@ -129,12 +130,12 @@ async def _complete(send: Any, request: dict[str, Any], *, chat: bool, receive: 
     if fail == "hang":
         await asyncio.sleep(3600)
     loop = asyncio.get_running_loop()
-    start = loop.time()
+    start, steady = loop.time(), request.get("fake_steady") is True
     for i in range(tokens):
         if fail == "cut" and i == tokens // 2:
             raise ConnectionResetError("cut")  # uvicorn drops the connection mid-body
         if delay:
-            await asyncio.sleep(max(0.0, start + (i + 1) * delay - loop.time()))
+            await asyncio.sleep(max(0.0, start + (i + 1) * delay - loop.time()) if steady else delay)
         delta = ({"role": "assistant", "content": "tok "} if i == 0 else {"content": "tok "}) if chat else None
         choice = {"index": 0, "delta": delta, "finish_reason": None, "logprobs": None} if chat else \
             {"index": 0, "text": "tok ", "finish_reason": None, "logprobs": None}
