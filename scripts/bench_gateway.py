@@ -555,32 +555,27 @@ def headline(phases: dict[str, dict[str, Any]]) -> dict[str, Any]:
     out["cpu_us_per_request"] = out["cpu_us_per_request_c16"]
     out["added_p50_ms_c1"] = diff(out["p50_ms_c1"], out["p50_ms_direct_c1"])
     out["added_p99_ms_c1"] = diff(out["p99_ms_c1"], get("direct", "ns1", "p99_ms"))
-    for c in (1, 16, 64):
-        for d in (0, 5):
-            name = f"st{c}_{d}ms"
-            out[f"streams_per_s_c{c}_{d}ms"] = get("gateway", name, "rps")
-            out[f"streams_per_s_direct_c{c}_{d}ms"] = get("direct", name, "rps")
-            out[f"tokens_per_s_c{c}_{d}ms"] = get("gateway", name, "tokens_per_s")
-            out[f"tokens_per_s_direct_c{c}_{d}ms"] = get("direct", name, "tokens_per_s")
-            out[f"stream_tokens_ratio_c{c}_{d}ms"] = ratio(out[f"tokens_per_s_c{c}_{d}ms"],
-                                                           out[f"tokens_per_s_direct_c{c}_{d}ms"])
-            out[f"ttft_p50_ms_c{c}_{d}ms"] = get("gateway", name, "ttft_p50_ms")
-            out[f"added_ttft_p50_ms_c{c}_{d}ms"] = diff(get("gateway", name, "ttft_p50_ms"),
-                                                        get("direct", name, "ttft_p50_ms"))
-            out[f"cpu_us_per_stream_c{c}_{d}ms"] = get("gateway", name, "gateway_cpu_us_per_request")
-        out[f"added_ttft_p50_ms_c{c}"] = out[f"added_ttft_p50_ms_c{c}_5ms"]
-    if any(k.startswith("nginx_") for k in phases):  # the anchor, measured side by side
-        out["nginx_rps_c16"] = get("nginx", "ns16", "rps")
-        out["nginx_cpu_us_per_request"] = get("nginx", "ns16", "nginx_cpu_us_per_request")
-        out["nginx_added_p50_ms_c1"] = diff(get("nginx", "ns1", "p50_ms"), out["p50_ms_direct_c1"])
+    for target, prefix in (("gateway", ""), ("nginx", "nginx_")):  # nginx: the anchor, when it ran
         for c in (1, 16, 64):
             for d in (0, 5):
                 name = f"st{c}_{d}ms"
-                out[f"nginx_streams_per_s_c{c}_{d}ms"] = get("nginx", name, "rps")
-                out[f"nginx_stream_tokens_ratio_c{c}_{d}ms"] = ratio(get("nginx", name, "tokens_per_s"),
-                                                                     get("direct", name, "tokens_per_s"))
-                out[f"nginx_added_ttft_p50_ms_c{c}_{d}ms"] = diff(get("nginx", name, "ttft_p50_ms"),
-                                                                  get("direct", name, "ttft_p50_ms"))
+                out[f"{prefix}streams_per_s_c{c}_{d}ms"] = get(target, name, "rps")
+                out[f"{prefix}stream_tokens_ratio_c{c}_{d}ms"] = ratio(get(target, name, "tokens_per_s"),
+                                                                       get("direct", name, "tokens_per_s"))
+                out[f"{prefix}added_ttft_p50_ms_c{c}_{d}ms"] = diff(get(target, name, "ttft_p50_ms"),
+                                                                    get("direct", name, "ttft_p50_ms"))
+    for c in (1, 16, 64):
+        for d in (0, 5):
+            name = f"st{c}_{d}ms"
+            out[f"streams_per_s_direct_c{c}_{d}ms"] = get("direct", name, "rps")
+            out[f"tokens_per_s_c{c}_{d}ms"] = get("gateway", name, "tokens_per_s")
+            out[f"tokens_per_s_direct_c{c}_{d}ms"] = get("direct", name, "tokens_per_s")
+            out[f"ttft_p50_ms_c{c}_{d}ms"] = get("gateway", name, "ttft_p50_ms")
+            out[f"cpu_us_per_stream_c{c}_{d}ms"] = get("gateway", name, "gateway_cpu_us_per_request")
+        out[f"added_ttft_p50_ms_c{c}"] = out[f"added_ttft_p50_ms_c{c}_5ms"]
+    out["nginx_rps_c16"] = get("nginx", "ns16", "rps")
+    out["nginx_cpu_us_per_request"] = get("nginx", "ns16", "nginx_cpu_us_per_request")
+    out["nginx_added_p50_ms_c1"] = diff(get("nginx", "ns1", "p50_ms"), out["p50_ms_direct_c1"])
     # The client core: its CPU per request in the direct c=16 phase, and the rate one core gives it alone.
     lg = get("direct", "ns16", "loadgen_cpu_us_per_request")
     out["loadgen_cpu_us_per_request"] = lg
